@@ -19,7 +19,9 @@ DEFAULT_OPTIONS = ""
 
 options = tap.Options()
 try:
-    options.parseOptions(shlex.split(os.environ.get("UDPTIME_OPTIONS", DEFAULT_OPTIONS)))
+    options.parseOptions(
+        shlex.split(os.environ.get("UDPTIME_OPTIONS", DEFAULT_OPTIONS))
+    )
 except (usage.UsageError, ValueError) as exc:
     sys.stderr.write(f"udptime.tac: UDPTIME_OPTIONS: {exc}\n")
     raise SystemExit(2) from None

@@ -64,7 +64,7 @@ def _civil_from_days(days: int) -> tuple[int, int, int]:
 class SecondCache:
     """Memoise a per-second encoder: the text changes once a second, not per datagram."""
 
-    __slots__ = ("_encode", "_second", "_reply")
+    __slots__ = ("_encode", "_reply", "_second")
 
     def __init__(self, encode: Callable[[float], bytes]) -> None:
         self._encode = encode

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from udptime.protocol import TimeProtocol
 
 
-class TimeListener(internet.UDPServer):  # type: ignore[misc]
+class TimeListener(internet.UDPServer):
     """One format on one UDP address, bound in ``privilegedStartService``.
 
     twistd calls ``privilegedStartService`` before ``--uid/--gid`` drop root,
@@ -25,7 +25,7 @@ class TimeListener(internet.UDPServer):  # type: ignore[misc]
     def __init__(
         self, protocol: TimeProtocol, host: str, port: int, reactor: Any = None
     ) -> None:
-        super().__init__(
+        super().__init__(  # type: ignore[no-untyped-call]
             port, protocol, interface=host, maxPacketSize=65535, reactor=reactor
         )
         self.protocol = protocol
@@ -34,7 +34,7 @@ class TimeListener(internet.UDPServer):  # type: ignore[misc]
 
     def _getPort(self) -> Any:
         try:
-            return super()._getPort()
+            return super()._getPort()  # type: ignore[no-untyped-call]
         except CannotListenError as exc:
             where = f"[{self.host}]" if ":" in self.host else (self.host or "0.0.0.0")
             reason = getattr(exc.socketError, "strerror", None) or exc.socketError
@@ -46,17 +46,17 @@ class TimeListener(internet.UDPServer):  # type: ignore[misc]
             raise SystemExit(1) from None
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
         self._announce()
 
     def startService(self) -> None:
         bound_before = self._port is not None
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         if not bound_before:
             self._announce()
 
     def _announce(self) -> None:
-        address = self._port.getHost()
+        address = self.port.getHost()
         self.log.info(
             "serving {udp_format} on UDP {host} port {port}",
             udp_format=self.protocol.format_name,
@@ -67,4 +67,10 @@ class TimeListener(internet.UDPServer):  # type: ignore[misc]
     @property
     def bound_port(self) -> int:
         """The port actually bound (useful when 0 was asked for)."""
-        return int(self._port.getHost().port)
+        return int(self.port.getHost().port)
+
+    @property
+    def port(self) -> Any:
+        """The bound ``IListeningPort``; only valid once started."""
+        assert self._port is not None, "listener not started"
+        return self._port

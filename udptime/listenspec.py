@@ -20,8 +20,10 @@ class ListenSpec:
 
     def describe(self) -> str:
         host = self.host or "0.0.0.0"
-        return f"{self.format}@[{host}]:{self.port}" if ":" in host else (
-            f"{self.format}@{host}:{self.port}"
+        return (
+            f"{self.format}@[{host}]:{self.port}"
+            if ":" in host
+            else (f"{self.format}@{host}:{self.port}")
         )
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from udptime.counters import Counters
 from udptime.formats import Responder
@@ -46,7 +46,7 @@ class TimeProtocol(DatagramProtocol):
         moment = self._clock.seconds()
         try:
             reply = self._respond(datagram, moment)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - one bad datagram must not stop the listener
             counters.errors += 1
             self._throttled_error("building a reply failed: {error!r}", exc, addr)
             return
@@ -60,8 +60,10 @@ class TimeProtocol(DatagramProtocol):
                     port=addr[1],
                 )
             return
+        transport = self.transport
+        assert transport is not None, "datagram before makeConnection"
         try:
-            self.transport.write(reply, addr)
+            transport.write(reply, addr)
         except OSError as exc:
             # EAGAIN/ENOBUFS on a full send buffer, EMSGSIZE, unreachable
             # networks: this reply is lost, the next datagram is served.
@@ -81,7 +83,8 @@ class TimeProtocol(DatagramProtocol):
     def _throttled_error(self, message: str, exc: BaseException, addr: Any) -> None:
         allowed, suppressed = self._error_log.allow()
         if allowed:
-            self.log.warn(
+            self.log.emit(
+                LogLevel.warn,
                 message + " (from {host} port {port}; {suppressed} similar suppressed)",
                 error=exc,
                 host=addr[0],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from twisted.application import service
 from twisted.python import usage
@@ -41,24 +41,30 @@ class Options(usage.Options):
         "socketserver recipe), RFC 867 daytime or RFC 868 time."
     )
 
-    optFlags = [
-        ["verbose", "v", "Log every request (off by default: floods stay out of the log)."],
+    optFlags: ClassVar[list[list[str]]] = [
+        [
+            "verbose",
+            "v",
+            "Log every request (off by default: floods stay out of the log).",
+        ],
     ]
-    optParameters = [
+    optParameters: ClassVar[list[list[Any]]] = [
         ["port", "p", DEFAULT_PORT, "UDP port to serve.", _coerce(parse_port)],
         [
             "interface",
             "i",
             "",
-            "Address to bind: default all IPv4; '::' serves IPv6 (and IPv4 "
-            "where the OS maps it).",
+            (
+                "Address to bind: default all IPv4; '::' serves IPv6 (and IPv4 "
+                "where the OS maps it)."
+            ),
             _coerce(parse_host),
         ],
         ["format", "f", "ctime", "Reply format: " + ", ".join(format_names()) + "."],
     ]
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self["listen"] = []
 
     def opt_listen(self, value: str) -> None:
@@ -113,6 +119,6 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             verbose=bool(options["verbose"]),
         )
         listener = TimeListener(protocol, spec.host, spec.port, reactor=reactor)
-        listener.setName(spec.describe())
-        listener.setServiceParent(top)
+        listener.setName(spec.describe())  # type: ignore[no-untyped-call]
+        listener.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top

@@ -1,0 +1,175 @@
+"""TimeProtocol driven by a fake transport and a fake clock."""
+
+from __future__ import annotations
+
+import errno
+from typing import Any, cast
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.internet.testing import FakeDatagramTransport
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
+from twisted.trial import unittest
+
+from udptime.formats import (
+    Settings,
+    encode_ctime,
+    encode_daytime,
+    encode_time,
+    get_format,
+)
+from udptime.protocol import TimeProtocol
+
+CLIENT = ("192.0.2.7", 40000)
+CLIENT6 = ("2001:db8::1", 40001, 0, 0)
+
+
+def make(
+    name: str = "ctime", when: float = 1_700_000_000.25, **kw: Any
+) -> tuple[TimeProtocol, FakeDatagramTransport, Clock]:
+    clock = Clock()
+    clock.advance(when)
+    fmt = get_format(name)
+    proto = TimeProtocol(
+        fmt.make_responder(Settings(wall_clock=clock.seconds)),
+        clock,
+        format_name=name,
+        **kw,
+    )
+    transport = FakeDatagramTransport()
+    proto.makeConnection(transport)
+    return proto, transport, clock
+
+
+class CapturedLog:
+    """Collect log events at warning level and above while a test runs."""
+
+    def __init__(self, test: unittest.TestCase) -> None:
+        self.events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, self.observe)
+        globalLogPublisher.addObserver(observer)
+        test.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    def observe(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def at_least(self, level: LogLevel) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("log_level", LogLevel.info) >= level]
+
+
+class ReplyTests(unittest.TestCase):
+    def test_empty_datagram_gets_ctime(self) -> None:
+        proto, transport, clock = make("ctime")
+        proto.datagramReceived(b"", CLIENT)
+        self.assertEqual(transport.written, [(encode_ctime(clock.seconds()), CLIENT)])
+
+    def test_every_format(self) -> None:
+        for name, encode in (
+            ("ctime", encode_ctime),
+            ("daytime", encode_daytime),
+            ("time", encode_time),
+        ):
+            proto, transport, clock = make(name)
+            proto.datagramReceived(b"hello", CLIENT)
+            self.assertEqual(transport.written, [(encode(clock.seconds()), CLIENT)])
+
+    def test_reply_follows_the_clock(self) -> None:
+        proto, transport, clock = make("time", when=100.0)
+        proto.datagramReceived(b"", CLIENT)
+        clock.advance(5)
+        proto.datagramReceived(b"", CLIENT)
+        self.assertEqual(
+            [packet for packet, _ in transport.written],
+            [encode_time(100.0), encode_time(105.0)],
+        )
+
+    def test_largest_datagram(self) -> None:
+        proto, transport, _ = make("daytime")
+        proto.datagramReceived(b"\xff" * 65_507, CLIENT)
+        self.assertEqual(len(transport.written), 1)
+
+    def test_ipv6_source(self) -> None:
+        proto, transport, clock = make("ctime")
+        proto.datagramReceived(b"x", CLIENT6)
+        self.assertEqual(transport.written, [(encode_ctime(clock.seconds()), CLIENT6)])
+
+    def test_counts(self) -> None:
+        proto, _, _ = make("ctime")
+        for _ in range(3):
+            proto.datagramReceived(b"", CLIENT)
+        self.assertEqual(proto.counters.received, 3)
+        self.assertEqual(proto.counters.answered, 3)
+
+    @settings(max_examples=200)
+    @given(
+        name=st.sampled_from(["ctime", "daytime", "time"]),
+        datagram=st.binary(max_size=2048),
+    )
+    def test_any_datagram_exactly_one_reply(self, name: str, datagram: bytes) -> None:
+        proto, transport, _ = make(name)
+        proto.datagramReceived(datagram, CLIENT)
+        self.assertEqual(len(transport.written), 1)
+        self.assertEqual(transport.written[0][1], CLIENT)
+
+
+class QuietTests(unittest.TestCase):
+    def test_not_verbose_logs_nothing_per_datagram(self) -> None:
+        log = CapturedLog(self)
+        proto, _, _ = make("ctime")
+        for _ in range(10):
+            proto.datagramReceived(b"", CLIENT)
+        self.assertEqual(
+            [e for e in log.events if "answered" in e.get("log_format", "")], []
+        )
+
+    def test_verbose_logs_each_request(self) -> None:
+        log = CapturedLog(self)
+        proto, _, _ = make("ctime", verbose=True)
+        proto.datagramReceived(b"abc", CLIENT)
+        events = [e for e in log.events if "answered" in e.get("log_format", "")]
+        self.assertEqual(len(events), 1)
+        self.assertEqual(events[0]["host"], CLIENT[0])
+        self.assertEqual(events[0]["port"], CLIENT[1])
+        self.assertEqual(events[0]["size"], 3)
+
+
+class FailingTransport(FakeDatagramTransport):
+    def write(self, packet: bytes, addr: Any = None) -> None:
+        raise OSError(errno.ENOBUFS, "No buffer space available")
+
+
+class ErrorTests(unittest.TestCase):
+    def test_responder_error_is_counted_and_throttled(self) -> None:
+        log = CapturedLog(self)
+        clock = Clock()
+
+        def broken(request: bytes, moment: float) -> bytes:
+            raise ValueError("boom")
+
+        proto = TimeProtocol(broken, clock, format_name="broken")
+        transport = FakeDatagramTransport()
+        proto.makeConnection(transport)
+        for _ in range(100):
+            proto.datagramReceived(b"", CLIENT)
+        self.assertEqual(transport.written, [])
+        self.assertEqual(proto.counters.errors, 100)
+        warnings = log.at_least(LogLevel.warn)
+        self.assertEqual(len(warnings), 5)
+        self.assertEqual({e.get("log_failure") for e in warnings}, {None})
+        clock.advance(61)
+        proto.datagramReceived(b"", CLIENT)
+        warnings = log.at_least(LogLevel.warn)
+        self.assertEqual(len(warnings), 6)
+        self.assertEqual(warnings[-1]["suppressed"], 95)
+
+    def test_send_buffer_full_drops_and_goes_on(self) -> None:
+        proto, _, _ = make("time")
+        proto.transport = FailingTransport()
+        proto.datagramReceived(b"", CLIENT)
+        self.assertEqual(proto.counters.send_errors, 1)
+        self.assertEqual(proto.counters.answered, 0)
+        transport = FakeDatagramTransport()
+        proto.transport = transport
+        proto.datagramReceived(b"", CLIENT)
+        self.assertEqual(len(transport.written), 1)
