@@ -20,8 +20,8 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check udptime tests twisted bench udptime.tac
-	$(BIN)/ruff format --check udptime tests twisted bench udptime.tac
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 bench: $(BIN)/.installed
