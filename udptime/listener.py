@@ -1,18 +1,89 @@
-"""UDP listener services: bind before privileges drop, say where we listen."""
+"""UDP listener services: bind before privileges drop, say where we listen.
+
+Sockets are made here rather than by ``reactor.listenUDP`` so that a listener
+can set ``SO_REUSEPORT`` (one socket per worker), adopt a socket handed over
+by systemd, and hand the descriptor to the Linux batch fast path. Twisted's
+``udp.Port`` still owns the socket's life: it is adopted with
+``adoptDatagramPort`` and closed by ``stopListening``.
+"""
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 from typing import Any
 
-from twisted.application import internet
-from twisted.internet.error import CannotListenError
+from twisted.application import service
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
+from udptime.listenspec import SYSTEMD, ListenSpec
 from udptime.protocol import TimeProtocol
 
+#: Largest UDP payload over IPv4; every datagram is read whole.
+MAX_DATAGRAM = 65_535
 
-class TimeListener(internet.UDPServer):
+
+class ListenError(Exception):
+    """A listener that cannot get its socket: where, and why, for the operator."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(where, reason)
+        self.where = where
+        self.reason = reason
+
+
+def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A bound, non-blocking UDP socket for *host* (``""``: all IPv4) and *port*."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host or "0.0.0.0", port))
+    except OSError as exc:
+        sock.close()
+        where = f"[{host}]" if ":" in host else (host or "0.0.0.0")
+        raise ListenError(f"UDP {where}:{port}", exc.strerror or str(exc)) from None
+    sock.setblocking(False)
+    return sock
+
+
+def systemd_socket(index: int, environ: dict[str, str] | None = None) -> socket.socket:
+    """Socket number *index* passed by systemd socket activation (``LISTEN_FDS``).
+
+    Checks ``LISTEN_PID`` so a descriptor meant for another process (a parent
+    that forgot to clear the environment) is never taken by mistake.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("LISTEN_PID") != str(os.getpid()):
+        raise ListenError(
+            f"systemd:{index}",
+            "no sockets were passed to this process (LISTEN_PID unset or not "
+            "ours; start it from a .socket unit or systemd-socket-activate)",
+        )
+    count = int(env.get("LISTEN_FDS", "0") or "0")
+    if not 0 <= index < count:
+        raise ListenError(f"systemd:{index}", f"systemd passed {count} socket(s)")
+    fd = 3 + index
+    probe = socket.socket(fileno=fd)
+    try:
+        if probe.type != socket.SOCK_DGRAM or probe.family not in (
+            socket.AF_INET,
+            socket.AF_INET6,
+        ):
+            raise ListenError(
+                f"systemd:{index}", f"descriptor {fd} is not a UDP socket"
+            )
+        adopted = probe.dup()
+    finally:
+        probe.detach()
+    adopted.setblocking(False)
+    return adopted
+
+
+class TimeListener(service.Service):
     """One format on one UDP address, bound in ``privilegedStartService``.
 
     twistd calls ``privilegedStartService`` before ``--uid/--gid`` drop root,
@@ -23,40 +94,46 @@ class TimeListener(internet.UDPServer):
     log = Logger()
 
     def __init__(
-        self, protocol: TimeProtocol, host: str, port: int, reactor: Any = None
+        self,
+        protocol: TimeProtocol,
+        spec: ListenSpec,
+        reactor: Any,
+        *,
+        reuse_port: bool = False,
+        sock: socket.socket | None = None,
     ) -> None:
-        super().__init__(  # type: ignore[no-untyped-call]
-            port, protocol, interface=host, maxPacketSize=65535, reactor=reactor
-        )
         self.protocol = protocol
-        self.host = host
-        self.requested_port = port
+        self.spec = spec
+        self._reactor = reactor
+        self._reuse_port = reuse_port
+        self._sock = sock
+        self._port: Any = None
 
-    def _getPort(self) -> Any:
+    def _socket(self) -> socket.socket:
+        if self._sock is not None:
+            sock, self._sock = self._sock, None
+            return sock
+        if self.spec.host == SYSTEMD:
+            return systemd_socket(self.spec.port)
+        return bind_socket(self.spec.host, self.spec.port, self._reuse_port)
+
+    def _listen(self) -> None:
         try:
-            return super()._getPort()  # type: ignore[no-untyped-call]
-        except CannotListenError as exc:
-            where = f"[{self.host}]" if ":" in self.host else (self.host or "0.0.0.0")
-            reason = getattr(exc.socketError, "strerror", None) or exc.socketError
+            sock = self._socket()
+        except ListenError as exc:
             sys.stderr.write(
-                f"udptime: cannot listen on UDP {where}:{self.requested_port} "
-                f"({self.protocol.format_name}): {reason}\n"
+                f"udptime: cannot listen on {exc.where} ({self.spec.format}): "
+                f"{exc.reason}\n"
             )
             sys.stderr.flush()
             raise SystemExit(1) from None
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()  # type: ignore[no-untyped-call]
-        self._announce()
-
-    def startService(self) -> None:
-        bound_before = self._port is not None
-        super().startService()  # type: ignore[no-untyped-call]
-        if not bound_before:
-            self._announce()
-
-    def _announce(self) -> None:
-        address = self.port.getHost()
+        try:
+            self._port = self._reactor.adoptDatagramPort(
+                sock.fileno(), sock.family, self.protocol, maxPacketSize=MAX_DATAGRAM
+            )
+        finally:
+            sock.close()  # the port holds its own duplicate
+        address = self._port.getHost()
         self.log.info(
             "serving {udp_format} on UDP {host} port {port}",
             udp_format=self.protocol.format_name,
@@ -64,13 +141,29 @@ class TimeListener(internet.UDPServer):
             port=address.port,
         )
 
-    @property
-    def bound_port(self) -> int:
-        """The port actually bound (useful when 0 was asked for)."""
-        return int(self.port.getHost().port)
+    def privilegedStartService(self) -> None:
+        self._listen()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+
+    def startService(self) -> None:
+        if self._port is None:
+            self._listen()
+        super().startService()  # type: ignore[no-untyped-call]
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        port, self._port = self._port, None
+        if port is None:
+            return None
+        return maybeDeferred(port.stopListening)
 
     @property
     def port(self) -> Any:
         """The bound ``IListeningPort``; only valid once started."""
         assert self._port is not None, "listener not started"
         return self._port
+
+    @property
+    def bound_port(self) -> int:
+        """The port actually bound (useful when 0 was asked for)."""
+        return int(self.port.getHost().port)

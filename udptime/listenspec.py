@@ -6,6 +6,11 @@ import ipaddress
 from dataclasses import dataclass
 
 
+#: The host of a listener that adopts a socket from systemd (``ntp@systemd:0``);
+#: its port is then the index among the sockets systemd passed.
+SYSTEMD = "systemd"
+
+
 class ListenSpecError(ValueError):
     """A ``--listen`` value, port or address that cannot be served."""
 
@@ -19,6 +24,8 @@ class ListenSpec:
     port: int
 
     def describe(self) -> str:
+        if self.host == SYSTEMD:
+            return f"{self.format}@{SYSTEMD}:{self.port}"
         host = self.host or "0.0.0.0"
         return (
             f"{self.format}@[{host}]:{self.port}"
@@ -51,7 +58,8 @@ def parse_host(text: str) -> str:
 
 
 def parse_listen(text: str) -> tuple[str, str, int]:
-    """Split ``FORMAT@PORT``, ``FORMAT@HOST:PORT`` or ``FORMAT@[IPV6]:PORT``.
+    """Split ``FORMAT@PORT``, ``FORMAT@HOST:PORT``, ``FORMAT@[IPV6]:PORT`` or
+    ``FORMAT@systemd:N`` (the N-th socket passed by systemd, counting from 0).
 
     Returns ``(format, host, port)``; the caller checks the format name
     against the registry so this stays free of it.
@@ -82,6 +90,12 @@ def parse_listen(text: str) -> tuple[str, str, int]:
             raise ListenSpecError(f"--listen {text!r}: empty address before the port")
     else:
         host, port_text = "", where
+    if host == SYSTEMD:
+        if not port_text.isdigit() or int(port_text) > 1000:
+            raise ListenSpecError(
+                f"--listen {text!r}: systemd:N takes a socket index 0, 1, ..."
+            )
+        return fmt, SYSTEMD, int(port_text)
     try:
         return fmt, parse_host(host), parse_port(port_text)
     except ListenSpecError as exc:

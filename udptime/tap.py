@@ -10,6 +10,7 @@ from twisted.python import usage
 from udptime.formats import Settings, format_names, get_format
 from udptime.listener import TimeListener
 from udptime.listenspec import (
+    SYSTEMD,
     ListenSpec,
     ListenSpecError,
     parse_host,
@@ -89,7 +90,7 @@ class Options(usage.Options):
         seen: set[tuple[str, int]] = set()
         for spec in self["listen"]:
             key = (spec.host, spec.port)
-            if spec.port and key in seen:
+            if (spec.port or spec.host == SYSTEMD) and key in seen:
                 raise usage.UsageError(f"{spec.describe()}: address given twice")
             seen.add(key)
 
@@ -118,7 +119,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             format_name=fmt.name,
             verbose=bool(options["verbose"]),
         )
-        listener = TimeListener(protocol, spec.host, spec.port, reactor=reactor)
+        listener = TimeListener(protocol, spec, reactor)
         listener.setName(spec.describe())  # type: ignore[no-untyped-call]
         listener.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top
