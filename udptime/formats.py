@@ -127,7 +127,7 @@ def format_names() -> list[str]:
 
 
 #: Modules holding further formats; each registers itself when imported.
-FORMAT_MODULES: tuple[str, ...] = ()
+FORMAT_MODULES: tuple[str, ...] = ("udptime.ntp",)
 
 
 def _load_optional_formats() -> None:

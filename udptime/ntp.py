@@ -1,0 +1,466 @@
+"""NTPv4 server mode (RFC 5905), which also answers SNTP (RFC 4330) clients.
+
+Pure: bytes in, bytes out. The clock discipline the replies advertise comes
+from a ``ServerState`` (see ``udptime.clockstate``), the receive and transmit
+stamps from the caller. Timestamps stay 64-bit NTP fixed point or integers
+wherever possible so that stamps the server copies are bit-exact.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from math import floor
+
+from udptime.formats import EPOCH_1900_TO_1970, Format, Settings, register
+
+#: 2**32: one NTP era in seconds, and the scale of a timestamp's fraction.
+ERA_SECONDS = 1 << 32
+_MASK64 = (1 << 64) - 1
+_NS_PER_S = 1_000_000_000
+_EPOCH_NS = EPOCH_1900_TO_1970 * _NS_PER_S
+_HALF_NS = _NS_PER_S // 2
+_SCALE = float(ERA_SECONDS)
+_EPOCH_FIXED = EPOCH_1900_TO_1970 << 32
+
+#: RFC 5905 poll exponent bounds (log2 seconds) for the poll field of replies.
+MIN_POLL = 4
+MAX_POLL = 17
+
+#: Leap indicator values.
+LEAP_NONE = 0
+LEAP_INSERT = 1
+LEAP_DELETE = 2
+LEAP_UNSYNCHRONISED = 3
+
+MODE_CLIENT = 3
+MODE_SERVER = 4
+PACKET_SIZE = 48
+ZERO_TIMESTAMP = bytes(8)
+
+#: Header byte 1 to 23 of a reply apart from stratum and poll: precision, root
+#: delay, root dispersion, reference id, reference time.
+_MIDDLE = struct.Struct("!bII4s8s")
+_REPLY = struct.Struct("!BBb21s8s8s8s")
+#: The responder's hot path: a prebuilt 24-byte head, origin, then stamps.
+_REPLY_FLOAT = struct.Struct("!24s8sQQ")
+_REPLY_STAMPED = struct.Struct("!24s8s8sQ")
+_KISS = struct.Struct("!BBbbII4s8s8s8s8s")
+
+
+def _fixed_from_posix(posix_seconds: float) -> int:
+    """Unbounded NTP 32.32 fixed point, rounded half up to 2**-32 s.
+
+    Every step is exact: scaling a float by 2**32 only moves its exponent,
+    ``floor`` of a float is an exact int, and the remainder is representable.
+    """
+    scaled = posix_seconds * _SCALE
+    fixed = floor(scaled)
+    if scaled - fixed >= 0.5:
+        fixed += 1
+    return fixed + _EPOCH_FIXED
+
+
+def to_ntp(posix_seconds: float) -> bytes:
+    """The 8-byte NTP timestamp of a POSIX time, era folded away (mod 2**64).
+
+    Rounds to the nearest 2**-32 s, as ``ntp_from_ns`` does; ``ValueError`` or
+    ``OverflowError`` for NaN and infinities.
+    """
+    return (_fixed_from_posix(posix_seconds) & _MASK64).to_bytes(8, "big")
+
+
+def ntp_from_ns(ns: int) -> bytes:
+    """The NTP timestamp of integer POSIX nanoseconds (kernel ``SO_TIMESTAMPNS``).
+
+    Rounded to the nearest 2**-32 s (half up), so ``ns_from_ntp`` gives the
+    same nanosecond count back: a fraction step is under a quarter nanosecond.
+    """
+    return ((((ns + _EPOCH_NS) << 32) + _HALF_NS) // _NS_PER_S & _MASK64).to_bytes(
+        8, "big"
+    )
+
+
+def _unfold(raw: bytes, pivot_fixed: int) -> int:
+    """The 32.32 fixed-point time (since 1900, any era) of *raw* nearest the pivot."""
+    delta = (int.from_bytes(raw, "big") - pivot_fixed) & _MASK64
+    if delta >= 1 << 63:
+        delta -= 1 << 64
+    return pivot_fixed + delta
+
+
+def from_ntp(raw: bytes, pivot: float) -> float:
+    """POSIX seconds of an NTP timestamp, in the era that puts it nearest *pivot*.
+
+    A timestamp names an instant modulo 136 years; any pivot within 68 years of
+    the truth (the server's own clock, say) resolves the era. Era 1 begins
+    2036-02-07T06:28:16Z.
+    """
+    fixed = _unfold(raw, _fixed_from_posix(pivot))
+    return (fixed - _EPOCH_FIXED) / ERA_SECONDS
+
+
+def ns_from_ntp(raw: bytes, pivot_ns: int) -> int:
+    """POSIX nanoseconds of an NTP timestamp nearest *pivot_ns*, rounded half up."""
+    pivot_fixed = ((pivot_ns + _EPOCH_NS) << 32) // _NS_PER_S
+    fixed = _unfold(raw, pivot_fixed)
+    return (fixed * _NS_PER_S + (1 << 31) >> 32) - _EPOCH_NS
+
+
+def short_format(seconds: float) -> int:
+    """NTP short format (unsigned 16.16 seconds), clamped to what it can hold."""
+    return min(max(int(seconds * 65_536 + 0.5), 0), 0xFFFF_FFFF)
+
+
+def precision_exponent(seconds: float) -> int:
+    """The NTP precision field for a clock resolution: ceil(log2), exact at powers of two."""
+    if not seconds > 0:
+        raise ValueError(f"resolution must be positive, not {seconds!r}")
+    mantissa, exponent = math.frexp(seconds)
+    result = exponent - 1 if mantissa == 0.5 else exponent
+    return min(max(result, -128), 127)
+
+
+def refid_from_text(text: str) -> bytes:
+    """A reference id from an IPv4 address (stratum 2+) or up to 4 ASCII characters."""
+    try:
+        return ipaddress.IPv4Address(text).packed
+    except ValueError:
+        pass
+    raw = text.encode("ascii")
+    if not 1 <= len(raw) <= 4:
+        raise ValueError(f"reference id must be IPv4 or 1-4 ASCII characters: {text!r}")
+    return raw.ljust(4, b"\0")
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """The fields of a client request a server reply needs."""
+
+    version: int
+    poll: int
+    #: The client's transmit timestamp exactly as sent, for the reply's origin.
+    transmit: bytes
+
+
+def _accepts(first: int) -> bool:
+    """Client mode and a version this server speaks (1-4) in header byte 0."""
+    return first & 0x07 == MODE_CLIENT and 1 <= (first >> 3) & 0x07 <= 4
+
+
+def _signed8(byte: int) -> int:
+    return byte - 256 if byte >= 128 else byte
+
+
+def parse_request(data: bytes) -> Request | None:
+    """The request in *data*, or ``None`` for anything a server must ignore.
+
+    Ignored: fewer than 48 bytes, modes other than client, versions 0 and 5-7.
+    Extension fields and MACs after the header are not looked at.
+    """
+    if len(data) < PACKET_SIZE or not _accepts(data[0]):
+        return None
+    return Request((data[0] >> 3) & 0x07, _signed8(data[2]), data[40:48])
+
+
+def _clamp_poll(poll: int, min_poll: int) -> int:
+    return min(max(poll, min_poll), MAX_POLL)
+
+
+def _check_min_poll(min_poll: int) -> None:
+    if not MIN_POLL <= min_poll <= MAX_POLL:
+        raise ValueError(f"min_poll must be {MIN_POLL}..{MAX_POLL}, not {min_poll}")
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """What replies say about the server's clock; changes at most once a second.
+
+    ``precision`` is log2 seconds; ``root_delay`` and ``root_dispersion`` are
+    seconds; ``reference_time`` is POSIX seconds, ``None`` for never set.
+    """
+
+    leap: int
+    stratum: int
+    precision: int
+    root_delay: float
+    root_dispersion: float
+    refid: bytes
+    reference_time: float | None
+
+    def __post_init__(self) -> None:
+        # Checked once per state, so the per-datagram path cannot fail to pack.
+        if not 0 <= self.leap <= 3:
+            raise ValueError(f"leap indicator must be 0..3, not {self.leap}")
+        if not 0 <= self.stratum <= 255:
+            raise ValueError(f"stratum must be 0..255, not {self.stratum}")
+        if not -128 <= self.precision <= 127:
+            raise ValueError(f"precision must be -128..127, not {self.precision}")
+        if len(self.refid) != 4:
+            raise ValueError(f"reference id must be 4 bytes, not {self.refid!r}")
+        for name in ("root_delay", "root_dispersion", "reference_time"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, not {value!r}")
+
+    def middle(self) -> bytes:
+        """Reply bytes 3 to 23, which depend on this state alone."""
+        reftime = (
+            ZERO_TIMESTAMP
+            if self.reference_time is None
+            else to_ntp(self.reference_time)
+        )
+        return _MIDDLE.pack(
+            self.precision,
+            short_format(self.root_delay),
+            short_format(self.root_dispersion),
+            self.refid,
+            reftime,
+        )
+
+
+_last_middle: tuple[ServerState | None, bytes] = (None, b"")
+
+
+def _middle_of(state: ServerState) -> bytes:
+    """``state.middle()``, remembered for the last state seen."""
+    global _last_middle
+    seen, middle = _last_middle
+    if state is not seen:
+        middle = state.middle()
+        _last_middle = (state, middle)
+    return middle
+
+
+def build_reply(
+    request: Request,
+    state: ServerState,
+    receive_ts: bytes,
+    transmit_ts: bytes,
+    *,
+    min_poll: int = MIN_POLL,
+) -> bytes:
+    """The 48-byte server reply: the request's version, clamped poll and origin.
+
+    *receive_ts* and *transmit_ts* are 8-byte NTP timestamps (``to_ntp``,
+    ``ntp_from_ns``). *min_poll* is the floor for the poll field, which a rate
+    limiter raises to ask a client to slow down.
+    """
+    return _REPLY.pack(
+        state.leap << 6 | request.version << 3 | MODE_SERVER,
+        state.stratum,
+        _clamp_poll(request.poll, min_poll),
+        _middle_of(state),
+        request.transmit,
+        receive_ts,
+        transmit_ts,
+    )
+
+
+#: Kiss codes this server sends (RFC 5905 section 7.4).
+KISS_RATE = b"RATE"
+KISS_DENY = b"DENY"
+KISS_NTSN = b"NTSN"
+
+
+def build_kiss(
+    request: Request,
+    code: bytes,
+    *,
+    min_poll: int = MIN_POLL,
+    receive_ts: bytes | None = None,
+    transmit_ts: bytes | None = None,
+) -> bytes:
+    """A Kiss-o'-Death reply: LI 3, stratum 0, the kiss code as reference id.
+
+    As ntpd does, receive and transmit default to the client's own transmit
+    stamp, so the packet carries no time a client could mistake for service;
+    *min_poll* raises the poll field (for ``RATE``).
+    """
+    if len(code) != 4 or not code.isascii():
+        raise ValueError(f"kiss code must be 4 ASCII bytes, not {code!r}")
+    return _KISS.pack(
+        LEAP_UNSYNCHRONISED << 6 | request.version << 3 | MODE_SERVER,
+        0,
+        _clamp_poll(request.poll, min_poll),
+        0,
+        0,
+        0,
+        code,
+        ZERO_TIMESTAMP,
+        request.transmit,
+        request.transmit if receive_ts is None else receive_ts,
+        request.transmit if transmit_ts is None else transmit_ts,
+    )
+
+
+class _Heads:
+    """The first 24 reply bytes per (request byte 0, request poll byte), lazily.
+
+    Filled only for requests a server answers, so at most 16 * 256 entries;
+    rebuilt when the state changes.
+    """
+
+    __slots__ = ("_leap", "_middle", "_min_poll", "_stratum", "state", "table")
+
+    def __init__(self, state: ServerState, min_poll: int) -> None:
+        self.state = state
+        self.table: dict[int, bytes] = {}
+        self._stratum = state.stratum
+        self._leap = state.leap << 6
+        self._middle = state.middle()
+        self._min_poll = min_poll
+
+    def fill(self, first: int, poll_byte: int) -> bytes | None:
+        if not _accepts(first):
+            return None
+        head = (
+            bytes(
+                (
+                    self._leap | first & 0x38 | MODE_SERVER,
+                    self._stratum,
+                    _clamp_poll(_signed8(poll_byte), self._min_poll),
+                )
+            )
+            + self._middle
+        )
+        self.table[first << 8 | poll_byte] = head
+        return head
+
+
+class NtpResponder:
+    """The ``ntp`` format's responder: request bytes and receive time to a reply.
+
+    Call it as a ``Responder`` with the receive time as POSIX seconds, or use
+    ``respond_ns`` (integer nanoseconds, e.g. ``sec * 10**9 + nsec`` from
+    ``SO_TIMESTAMPNS``) or ``respond_stamped`` (a ready 8-byte NTP stamp).
+    The transmit stamp is read from *wall_clock* last, just before packing.
+    """
+
+    __slots__ = ("_heads", "_min_poll", "_state", "_wall_clock")
+
+    def __init__(
+        self,
+        state: Callable[[], ServerState],
+        wall_clock: Callable[[], float],
+        *,
+        min_poll: int = MIN_POLL,
+    ) -> None:
+        _check_min_poll(min_poll)
+        self._state = state
+        self._wall_clock = wall_clock
+        self._min_poll = min_poll
+        self._heads = _Heads(state(), min_poll)
+
+    def _head(self, request: bytes) -> bytes | None:
+        """Reply bytes 0-23 for *request*, or ``None`` when it is to be ignored."""
+        if len(request) < PACKET_SIZE:
+            return None
+        state = self._state()
+        heads = self._heads
+        if state is not heads.state:
+            if state == heads.state:
+                heads.state = state
+            else:
+                heads = self._heads = _Heads(state, self._min_poll)
+        head = heads.table.get(request[0] << 8 | request[2])
+        if head is None:
+            return heads.fill(request[0], request[2])
+        return head
+
+    def __call__(self, request: bytes, received: float) -> bytes | None:
+        head = self._head(request)
+        if head is None:
+            return None
+        return _REPLY_FLOAT.pack(
+            head,
+            request[40:48],
+            _fixed_from_posix(received) & _MASK64,
+            _fixed_from_posix(self._wall_clock()) & _MASK64,
+        )
+
+    def respond_ns(self, request: bytes, received_ns: int) -> bytes | None:
+        head = self._head(request)
+        if head is None:
+            return None
+        return _REPLY_STAMPED.pack(
+            head,
+            request[40:48],
+            ntp_from_ns(received_ns),
+            _fixed_from_posix(self._wall_clock()) & _MASK64,
+        )
+
+    def respond_stamped(self, request: bytes, receive_stamp: bytes) -> bytes | None:
+        head = self._head(request)
+        if head is None:
+            return None
+        return _REPLY_STAMPED.pack(
+            head,
+            request[40:48],
+            receive_stamp,
+            _fixed_from_posix(self._wall_clock()) & _MASK64,
+        )
+
+
+def _stratum_option(
+    extra: dict[str, object], key: str, default: int | None
+) -> int | None:
+    value = extra.get(key, default)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 15:
+        raise ValueError(f"{key} must be an integer 1..15, not {value!r}")
+    return value
+
+
+def make_responder(settings: Settings) -> NtpResponder:
+    """The ``ntp`` format's factory.
+
+    ``settings.extra`` keys read:
+
+    - ``"clock_state"``: a callable returning the current ``ServerState``;
+      when given, the keys below are not read.
+    - ``"stratum"``: stratum while the kernel clock is synchronised, 1-15
+      (default 2).
+    - ``"local_stratum"``: ``None`` (default: an unsynchronised kernel clock
+      is advertised as such, LI 3 and stratum 16) or 1-15 to serve the local
+      clock at that stratum anyway.
+    - ``"refid"``: reference id while synchronised, 4 bytes or text for
+      ``refid_from_text`` (an upstream's IPv4 address, say); default
+      ``clockstate.DEFAULT_REFID``.
+    """
+    from udptime import clockstate
+
+    extra = settings.extra
+    provider = extra.get("clock_state")
+    if provider is None:
+        refid = extra.get("refid", clockstate.DEFAULT_REFID)
+        if isinstance(refid, str):
+            refid = refid_from_text(refid)
+        if not isinstance(refid, bytes) or len(refid) != 4:
+            raise ValueError(f"refid must be 4 bytes or text, not {refid!r}")
+        stratum = _stratum_option(extra, "stratum", clockstate.DEFAULT_STRATUM)
+        assert stratum is not None
+        provider = clockstate.ClockStateCache(
+            settings.wall_clock,
+            clockstate.read_kernel_clock,
+            stratum=stratum,
+            local_stratum=_stratum_option(extra, "local_stratum", None),
+            refid=refid,
+        )
+    if not callable(provider):
+        raise TypeError(f"clock_state must be callable, not {provider!r}")
+    return NtpResponder(provider, settings.wall_clock)
+
+
+register(
+    Format(
+        "ntp",
+        make_responder,
+        echoes_anything=False,
+        summary="NTPv4/SNTP server mode (RFC 5905, RFC 4330) from the kernel clock",
+    )
+)
