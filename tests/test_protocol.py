@@ -13,11 +13,13 @@ from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.trial import unittest
 
 from udptime.formats import (
+    Format,
     Settings,
     encode_ctime,
     encode_daytime,
     encode_time,
     get_format,
+    looks_like_time_reply,
 )
 from udptime.protocol import TimeProtocol
 
@@ -32,10 +34,7 @@ def make(
     clock.advance(when)
     fmt = get_format(name)
     proto = TimeProtocol(
-        fmt.make_responder(Settings(wall_clock=clock.seconds)),
-        clock,
-        format_name=name,
-        **kw,
+        fmt, fmt.make_responder(Settings(wall_clock=clock.seconds)), clock, **kw
     )
     transport = FakeDatagramTransport()
     proto.makeConnection(transport)
@@ -107,10 +106,32 @@ class ReplyTests(unittest.TestCase):
         datagram=st.binary(max_size=2048),
     )
     def test_any_datagram_exactly_one_reply(self, name: str, datagram: bytes) -> None:
-        proto, transport, _ = make(name)
+        proto, transport, clock = make(name)
         proto.datagramReceived(datagram, CLIENT)
-        self.assertEqual(len(transport.written), 1)
-        self.assertEqual(transport.written[0][1], CLIENT)
+        if looks_like_time_reply(datagram, clock.seconds()):
+            self.assertEqual(transport.written, [])
+        else:
+            self.assertEqual(len(transport.written), 1)
+            self.assertEqual(transport.written[0][1], CLIENT)
+
+    def test_time_server_replies_are_not_answered(self) -> None:
+        """Two text servers pointed at each other stop after one datagram."""
+        for name in ("ctime", "daytime", "time"):
+            for other, encode in (
+                ("ctime", encode_ctime),
+                ("daytime", encode_daytime),
+                ("time", encode_time),
+            ):
+                proto, transport, clock = make(name)
+                proto.datagramReceived(encode(clock.seconds()), CLIENT)
+                self.assertEqual(transport.written, [], (name, other))
+                self.assertEqual(proto.counters.ignored, 1)
+
+    def test_four_bytes_far_from_now_are_answered(self) -> None:
+        proto, transport, clock = make("time")
+        proto.datagramReceived(encode_time(clock.seconds() - 3 * 86_400), CLIENT)
+        proto.datagramReceived(b"ping", CLIENT)
+        self.assertEqual(len(transport.written), 2)
 
 
 class QuietTests(unittest.TestCase):
@@ -119,15 +140,13 @@ class QuietTests(unittest.TestCase):
         proto, _, _ = make("ctime")
         for _ in range(10):
             proto.datagramReceived(b"", CLIENT)
-        self.assertEqual(
-            [e for e in log.events if "answered" in e.get("log_format", "")], []
-        )
+        self.assertEqual([e for e in log.events if e.get("outcome") == "answered"], [])
 
     def test_verbose_logs_each_request(self) -> None:
         log = CapturedLog(self)
         proto, _, _ = make("ctime", verbose=True)
         proto.datagramReceived(b"abc", CLIENT)
-        events = [e for e in log.events if "answered" in e.get("log_format", "")]
+        events = [e for e in log.events if e.get("outcome") == "answered"]
         self.assertEqual(len(events), 1)
         self.assertEqual(events[0]["host"], CLIENT[0])
         self.assertEqual(events[0]["port"], CLIENT[1])
@@ -147,7 +166,8 @@ class ErrorTests(unittest.TestCase):
         def broken(request: bytes, moment: float) -> bytes:
             raise ValueError("boom")
 
-        proto = TimeProtocol(broken, clock, format_name="broken")
+        fmt = Format("broken", lambda s: broken, echoes_anything=True, summary="")
+        proto = TimeProtocol(fmt, broken, clock)
         transport = FakeDatagramTransport()
         proto.makeConnection(transport)
         for _ in range(100):

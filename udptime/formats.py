@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,8 +62,40 @@ def _civil_from_days(days: int) -> tuple[int, int, int]:
     return year, month, day
 
 
+_CTIME_REPLY = re.compile(rb"[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4}")
+_DAYTIME_REPLY = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\r\n")
+#: Lengths of the replies above (RFC 868's is 4 bytes), for a cheap first test.
+_REPLY_LENGTHS = frozenset({4, 22, 24})
+_RFC868_WINDOW = 86_400
+
+
+def looks_like_time_reply(datagram: bytes, moment: float) -> bool:
+    """Whether *datagram* is what a ctime, daytime or time server sends.
+
+    Clients send empty or arbitrary datagrams; a time server's reply arriving
+    as a request means another server (or this one, spoofed) is talking to us.
+    Answering it is how two servers ping-pong forever, on any port pair, so
+    the text formats stay silent. A 4-byte datagram counts as an RFC 868
+    reply only when it reads as within a day of *moment*.
+    """
+    size = len(datagram)
+    if size == 4:
+        ours = (math.floor(moment) + EPOCH_1900_TO_1970) % 2**32
+        skew = (int.from_bytes(datagram, "big") - ours) % 2**32
+        return skew <= _RFC868_WINDOW or skew >= 2**32 - _RFC868_WINDOW
+    if size == 24:
+        return _CTIME_REPLY.fullmatch(datagram) is not None
+    if size == 22:
+        return _DAYTIME_REPLY.fullmatch(datagram) is not None
+    return False
+
+
 class SecondCache:
-    """Memoise a per-second encoder: the text changes once a second, not per datagram."""
+    """A text format's responder: the reply changes once a second, not per datagram.
+
+    Stays silent for requests that are themselves time-server replies (see
+    :func:`looks_like_time_reply`).
+    """
 
     __slots__ = ("_encode", "_reply", "_second")
 
@@ -71,7 +104,9 @@ class SecondCache:
         self._second: int | None = None
         self._reply = b""
 
-    def __call__(self, request: bytes, moment: float) -> bytes:
+    def __call__(self, request: bytes, moment: float) -> bytes | None:
+        if len(request) in _REPLY_LENGTHS and looks_like_time_reply(request, moment):
+            return None
         second = math.floor(moment)
         if second != self._second:
             self._reply = self._encode(second)
@@ -93,13 +128,16 @@ class Format:
 
     ``echoes_anything`` marks formats that reply to any datagram (the text
     formats); the loop guard refuses to answer the well-known ports of other
-    such services for them.
+    such services for them. ``kiss`` builds a protocol-level refusal (NTP's
+    Kiss-o'-Death) from a request and a 4-byte code, or ``None`` when the
+    request does not deserve one; formats without it are refused silently.
     """
 
     name: str
     make_responder: Callable[[Settings], Responder]
     echoes_anything: bool
     summary: str
+    kiss: Callable[[bytes, bytes], bytes | None] | None = None
 
 
 _REGISTRY: dict[str, Format] = {}

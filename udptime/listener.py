@@ -67,20 +67,15 @@ def systemd_socket(index: int, environ: dict[str, str] | None = None) -> socket.
     if not 0 <= index < count:
         raise ListenError(f"systemd:{index}", f"systemd passed {count} socket(s)")
     fd = 3 + index
-    probe = socket.socket(fileno=fd)
-    try:
-        if probe.type != socket.SOCK_DGRAM or probe.family not in (
-            socket.AF_INET,
-            socket.AF_INET6,
-        ):
-            raise ListenError(
-                f"systemd:{index}", f"descriptor {fd} is not a UDP socket"
-            )
-        adopted = probe.dup()
-    finally:
-        probe.detach()
-    adopted.setblocking(False)
-    return adopted
+    sock = socket.socket(fileno=fd)
+    if sock.type != socket.SOCK_DGRAM or sock.family not in (
+        socket.AF_INET,
+        socket.AF_INET6,
+    ):
+        sock.detach()
+        raise ListenError(f"systemd:{index}", f"descriptor {fd} is not a UDP socket")
+    sock.setblocking(False)
+    return sock
 
 
 class TimeListener(service.Service):

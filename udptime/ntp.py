@@ -456,11 +456,30 @@ def make_responder(settings: Settings) -> NtpResponder:
     return NtpResponder(provider, settings.wall_clock)
 
 
+#: The poll a RATE kiss asks for: 64 s, well under the default 10/s limit.
+RATE_KISS_MIN_POLL = 6
+
+
+def kiss_reply(request: bytes, code: bytes) -> bytes | None:
+    """A Kiss-o'-Death for a raw request, or ``None`` if it is not a client request.
+
+    ``RATE`` kisses raise the poll to the minimum a rate-limited client should
+    keep (2**6 s), so a well-behaved client backs off.
+    """
+    parsed = parse_request(request)
+    if parsed is None:
+        return None
+    return build_kiss(
+        parsed, code, min_poll=RATE_KISS_MIN_POLL if code == KISS_RATE else MIN_POLL
+    )
+
+
 register(
     Format(
         "ntp",
         make_responder,
         echoes_anything=False,
         summary="NTPv4/SNTP server mode (RFC 5905, RFC 4330) from the kernel clock",
+        kiss=kiss_reply,
     )
 )

@@ -1,7 +1,8 @@
-"""The Twisted glue: a datagram in, the format's reply out to its source."""
+"""The Twisted glue: a datagram in, the policy's verdict, the format's reply out."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -9,12 +10,30 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger, LogLevel
 
 from udptime.counters import Counters
-from udptime.formats import Responder
+from udptime.formats import Format
 from udptime.logthrottle import LogThrottle
+from udptime.ntp import KISS_DENY, KISS_RATE
+from udptime.policy import (
+    ANSWER,
+    DENY,
+    DENY_KISS,
+    DROP,
+    IGNORE,
+    KISS,
+    Decision,
+    Policy,
+    PolicyError,
+    pack_host,
+)
 
 
 class TimeProtocol(DatagramProtocol):
-    """Answer each datagram with what the responder makes of it.
+    """Answer each admitted datagram with what the format's responder makes of it.
+
+    :meth:`answer` is the whole per-datagram decision and is shared by the
+    portable path (``datagramReceived``, one ``sendto`` per reply) and the
+    Linux batch path (``udptime.fastpath``), which hands it packed source
+    addresses and kernel receive times instead of ``(host, port)`` tuples.
 
     Errors from the network are data: a responder that raises or a send that
     fails costs that one reply, is counted, and is logged through a throttle
@@ -26,39 +45,34 @@ class TimeProtocol(DatagramProtocol):
 
     def __init__(
         self,
-        responder: Responder,
+        fmt: Format,
+        responder: Any,
         clock: IReactorTime,
         *,
-        format_name: str,
+        policy: Policy | None = None,
         verbose: bool = False,
         counters: Counters | None = None,
     ) -> None:
+        self.format_name = fmt.name
         self._respond = responder
+        self._kiss = fmt.kiss
+        self._echoes = fmt.echoes_anything
         self._clock = clock
-        self.format_name = format_name
+        self.policy = policy
         self.verbose = verbose
         self.counters = counters if counters is not None else Counters()
         self._error_log = LogThrottle(clock)
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-        counters = self.counters
-        counters.received += 1
-        moment = self._clock.seconds()
+        host, port = addr[0], addr[1]
         try:
-            reply = self._respond(datagram, moment)
-        except Exception as exc:  # noqa: BLE001 - one bad datagram must not stop the listener
-            counters.errors += 1
-            self._throttled_error("building a reply failed: {error!r}", exc, addr)
+            packed = pack_host(host)
+        except PolicyError:  # not an IP source: nothing we could answer safely
+            self.counters.received += 1
+            self.counters.ignored += 1
             return
+        reply = self.answer(datagram, packed, port, self._clock.seconds())
         if reply is None:
-            counters.ignored += 1
-            if self.verbose:
-                self.log.info(
-                    "ignored {size} bytes from {host} port {port}",
-                    size=len(datagram),
-                    host=addr[0],
-                    port=addr[1],
-                )
             return
         transport = self.transport
         assert transport is not None, "datagram before makeConnection"
@@ -67,27 +81,108 @@ class TimeProtocol(DatagramProtocol):
         except OSError as exc:
             # EAGAIN/ENOBUFS on a full send buffer, EMSGSIZE, unreachable
             # networks: this reply is lost, the next datagram is served.
-            counters.send_errors += 1
-            self._throttled_error("sending a reply failed: {error!r}", exc, addr)
+            self.counters.send_errors += 1
+            self.throttled_error("sending a reply failed: {error!r}", exc, packed, port)
             return
-        counters.answered += 1
-        if self.verbose:
-            self.log.info(
-                "{udp_format} request of {size} bytes from {host} port {port} answered",
-                udp_format=self.format_name,
-                size=len(datagram),
-                host=addr[0],
-                port=addr[1],
-            )
+        self.counters.answered += 1
 
-    def _throttled_error(self, message: str, exc: BaseException, addr: Any) -> None:
+    def answer(
+        self, datagram: bytes, packed: bytes, port: int, received: float
+    ) -> bytes | None:
+        """The reply owed to one datagram from *packed*:*port*, or ``None``.
+
+        Counts every verdict except the send itself, which the caller counts
+        (``answered`` or ``send_errors``) once it knows how the send went.
+        """
+        counters = self.counters
+        counters.received += 1
+        policy = self.policy
+        if policy is not None:
+            verdict = policy.admit(
+                packed, port, received, self._kiss is not None, self._echoes
+            )
+            if verdict is not ANSWER:
+                return self._refuse(verdict, datagram, packed, port)
+        try:
+            reply: bytes | None = self._respond(datagram, received)
+        except Exception as exc:  # noqa: BLE001 - one bad datagram must not stop the listener
+            counters.errors += 1
+            self.throttled_error(
+                "building a reply failed: {error!r}", exc, packed, port
+            )
+            return None
+        if reply is None:
+            counters.ignored += 1
+        if self.verbose:
+            self._log_request(
+                datagram, packed, port, "answered" if reply else "ignored"
+            )
+        return reply
+
+    def _refuse(
+        self, verdict: Decision, datagram: bytes, packed: bytes, port: int
+    ) -> bytes | None:
+        counters = self.counters
+        reply = None
+        if verdict is DROP or verdict is KISS:
+            counters.rate_limited += 1
+            if verdict is KISS and self._kiss is not None:
+                reply = self._kiss(datagram, KISS_RATE)
+        elif verdict is DENY or verdict is DENY_KISS:
+            counters.denied += 1
+            if verdict is DENY_KISS and self._kiss is not None:
+                reply = self._kiss(datagram, KISS_DENY)
+        else:
+            counters.ignored += 1
+        if reply is not None:
+            counters.kisses += 1
+        if self.verbose:
+            outcome = ("kissed " if reply else "refused ") + _VERDICT_NAMES.get(
+                verdict, "?"
+            )
+            self._log_request(datagram, packed, port, outcome)
+        return reply
+
+    def _log_request(
+        self, datagram: bytes, packed: bytes, port: int, outcome: str
+    ) -> None:
+        self.log.info(
+            "{udp_format} request of {size} bytes from {host} port {port} {outcome}",
+            udp_format=self.format_name,
+            size=len(datagram),
+            host=_host_text(packed),
+            port=port,
+            outcome=outcome,
+        )
+
+    def throttled_error(
+        self, message: str, exc: BaseException, packed: bytes, port: int
+    ) -> None:
+        """Log an error that can repeat per datagram, a few times a minute at most."""
         allowed, suppressed = self._error_log.allow()
         if allowed:
             self.log.emit(
                 LogLevel.warn,
                 message + " (from {host} port {port}; {suppressed} similar suppressed)",
                 error=exc,
-                host=addr[0],
-                port=addr[1],
+                host=_host_text(packed),
+                port=port,
                 suppressed=suppressed,
             )
+
+
+_VERDICT_NAMES = {
+    DROP: "rate-limited",
+    KISS: "rate-limited",
+    DENY: "denied",
+    DENY_KISS: "denied",
+    IGNORE: "by the loop guard",
+}
+
+
+def _host_text(packed: bytes) -> str:
+    family = socket.AF_INET6 if len(packed) == 16 else socket.AF_INET
+    try:
+        return socket.inet_ntop(family, packed)
+    except (OSError, ValueError):
+        return repr(packed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from twisted.application import service
@@ -16,6 +17,14 @@ from udptime.listenspec import (
     parse_host,
     parse_listen,
     parse_port,
+)
+from udptime.ntp import refid_from_text
+from udptime.policy import (
+    DEFAULT_LOOP_PORTS,
+    DEFAULT_TABLE_SIZE,
+    Policy,
+    parse_cidr,
+    parse_rate_limit,
 )
 from udptime.protocol import TimeProtocol
 
@@ -35,6 +44,63 @@ def _coerce(parse: Any) -> Any:
     return coerce
 
 
+def _policy_value(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Report a policy parser's ``ValueError`` as the ``UsageError`` twistd prints."""
+
+    def coerce(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise usage.UsageError(str(exc)) from None
+
+    return coerce
+
+
+def _count(text: str) -> int:
+    value = int(text, 10)
+    if value < 0:
+        raise ValueError(f"expected a count >= 0, not {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text, 10)
+    if value < 1:
+        raise ValueError(f"expected a number >= 1, not {text!r}")
+    return value
+
+
+def _ports(text: str) -> frozenset[int]:
+    ports = frozenset(int(part, 10) for part in text.split(",") if part.strip())
+    if any(not 0 <= port <= 65535 for port in ports):
+        raise ValueError(f"ports must be 0-65535: {text!r}")
+    return ports
+
+
+def make_policy(options: Options) -> Policy | None:
+    """One admission policy for all listeners: a source's budget is per server."""
+    policy = Policy(
+        rate_limit=options["rate-limit"],
+        table_size=options["rate-limit-table"],
+        leak=options["rate-limit-leak"],
+        allow=options["allow"],
+        deny=options["deny"],
+        deny_kiss=bool(options["deny-kiss"]),
+        loop_ports=options["loop-ports"],
+    )
+    return policy
+
+
+def _stratum(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise usage.UsageError(f"stratum must be a number 1-15, not {text!r}") from None
+    if not 1 <= value <= 15:
+        raise usage.UsageError(f"stratum {value} is out of range 1-15")
+    return value
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -42,7 +108,12 @@ class Options(usage.Options):
         "socketserver recipe), RFC 867 daytime or RFC 868 time."
     )
 
-    optFlags: ClassVar[list[list[str]]] = [
+    optFlags: ClassVar[list[list[Any]]] = [
+        [
+            "deny-kiss",
+            None,
+            "NTP: answer denied sources with a DENY Kiss-o'-Death instead of silence.",
+        ],
         [
             "verbose",
             "v",
@@ -62,11 +133,91 @@ class Options(usage.Options):
             _coerce(parse_host),
         ],
         ["format", "f", "ctime", "Reply format: " + ", ".join(format_names()) + "."],
+        [
+            "stratum",
+            None,
+            2,
+            (
+                "NTP: stratum advertised while the kernel clock is synchronised "
+                "(1-15; 2: we serve a clock disciplined by a stratum-1 upstream)."
+            ),
+            _stratum,
+        ],
+        [
+            "local-stratum",
+            None,
+            None,
+            (
+                "NTP: serve an unsynchronised local clock anyway, at this stratum "
+                "(1-15) with refid LOCL, like chrony's 'local stratum'. Without it an "
+                "unsynchronised kernel clock is advertised as LI=3, stratum 16."
+            ),
+            _stratum,
+        ],
+        [
+            "rate-limit",
+            None,
+            "10/50",
+            (
+                "Per-source limit RATE/BURST: replies a second and bucket size per "
+                "IPv4 address or IPv6 /64, or 'off'."
+            ),
+            _policy_value(parse_rate_limit),
+        ],
+        [
+            "rate-limit-leak",
+            None,
+            0,
+            (
+                "Answer every Nth request over the limit anyway (0: off), so a "
+                "spoofed victim is not shut out completely."
+            ),
+            _policy_value(_count),
+        ],
+        [
+            "rate-limit-table",
+            None,
+            DEFAULT_TABLE_SIZE,
+            (
+                "Most sources the rate limiter tracks; the least recently seen is "
+                "evicted (memory stays bounded under floods from many sources)."
+            ),
+            _policy_value(_positive),
+        ],
+        [
+            "loop-ports",
+            None,
+            ",".join(str(p) for p in sorted(DEFAULT_LOOP_PORTS)),
+            (
+                "Source ports the text formats never answer (echo, daytime, qotd, "
+                "chargen, time: services that answer anything); port 0 never is."
+            ),
+            _policy_value(_ports),
+        ],
+        [
+            "refid",
+            None,
+            "KERN",
+            (
+                "NTP: reference id while synchronised: the upstream's IPv4 address, "
+                "or up to 4 ASCII characters."
+            ),
+        ],
     ]
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self["listen"] = []
+        self["allow"] = []
+        self["deny"] = []
+
+    def opt_allow(self, value: str) -> None:
+        """Serve only these networks (CIDR, IPv4 or IPv6); repeatable."""
+        self["allow"].append(_policy_value(parse_cidr)(value))
+
+    def opt_deny(self, value: str) -> None:
+        """Never serve these networks (CIDR); repeatable; deny wins over allow."""
+        self["deny"].append(_policy_value(parse_cidr)(value))
 
     def opt_listen(self, value: str) -> None:
         """FORMAT@PORT, FORMAT@HOST:PORT or FORMAT@[IPV6]:PORT; repeatable.
@@ -78,6 +229,10 @@ class Options(usage.Options):
         self["listen"].append(ListenSpec(fmt, host, port))
 
     def postOptions(self) -> None:
+        # usage.Options coerces given values only; defaults arrive as text.
+        for key, parse in (("rate-limit", parse_rate_limit), ("loop-ports", _ports)):
+            if isinstance(self[key], str):
+                self[key] = _policy_value(parse)(self[key])
         if not self["listen"]:
             self["listen"] = [
                 ListenSpec(self["format"], self["interface"], self["port"])
@@ -87,12 +242,16 @@ class Options(usage.Options):
                 get_format(spec.format)
             except KeyError as exc:
                 raise usage.UsageError(exc.args[0]) from None
+        try:
+            refid_from_text(self["refid"])
+        except ValueError as exc:
+            raise usage.UsageError(f"--refid: {exc}") from None
         seen: set[tuple[str, int]] = set()
         for spec in self["listen"]:
-            key = (spec.host, spec.port)
-            if (spec.port or spec.host == SYSTEMD) and key in seen:
+            address = (spec.host, spec.port)
+            if (spec.port or spec.host == SYSTEMD) and address in seen:
                 raise usage.UsageError(f"{spec.describe()}: address given twice")
-            seen.add(key)
+            seen.add(address)
 
     @property
     def listeners(self) -> list[ListenSpec]:
@@ -110,13 +269,22 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
 
         reactor = default_reactor
     top = service.MultiService()
-    settings = Settings(wall_clock=reactor.seconds)
+    settings = Settings(
+        wall_clock=reactor.seconds,
+        extra={
+            "stratum": options["stratum"],
+            "local_stratum": options["local-stratum"],
+            "refid": options["refid"],
+        },
+    )
+    policy = make_policy(options)
     for spec in options.listeners:
         fmt = get_format(spec.format)
         protocol = TimeProtocol(
+            fmt,
             fmt.make_responder(settings),
             reactor,
-            format_name=fmt.name,
+            policy=policy,
             verbose=bool(options["verbose"]),
         )
         listener = TimeListener(protocol, spec, reactor)
