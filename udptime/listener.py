@@ -34,11 +34,23 @@ class ListenError(Exception):
         self.reason = reason
 
 
-def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+#: Receive buffer asked for by default: bursts queue instead of being dropped
+#: (the kernel caps it at net.core.rmem_max; its own default is ~208 KiB).
+DEFAULT_RECEIVE_BUFFER = 4 << 20
+
+
+def bind_socket(
+    host: str,
+    port: int,
+    reuse_port: bool = False,
+    receive_buffer: int = DEFAULT_RECEIVE_BUFFER,
+) -> socket.socket:
     """A bound, non-blocking UDP socket for *host* (``""``: all IPv4) and *port*."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
+        if receive_buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host or "0.0.0.0", port))
@@ -95,12 +107,14 @@ class TimeListener(service.Service):
         reactor: Any,
         *,
         reuse_port: bool = False,
+        receive_buffer: int = DEFAULT_RECEIVE_BUFFER,
         sock: socket.socket | None = None,
     ) -> None:
         self.protocol = protocol
         self.spec = spec
         self._reactor = reactor
         self._reuse_port = reuse_port
+        self._receive_buffer = receive_buffer
         self._sock = sock
         self._port: Any = None
 
@@ -110,7 +124,9 @@ class TimeListener(service.Service):
             return sock
         if self.spec.host == SYSTEMD:
             return systemd_socket(self.spec.port)
-        return bind_socket(self.spec.host, self.spec.port, self._reuse_port)
+        return bind_socket(
+            self.spec.host, self.spec.port, self._reuse_port, self._receive_buffer
+        )
 
     def _listen(self) -> None:
         try:

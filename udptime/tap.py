@@ -9,7 +9,7 @@ from twisted.application import service
 from twisted.python import usage
 
 from udptime.formats import Settings, format_names, get_format
-from udptime.listener import TimeListener
+from udptime.listener import DEFAULT_RECEIVE_BUFFER, TimeListener
 from udptime.listenspec import (
     SYSTEMD,
     ListenSpec,
@@ -195,6 +195,17 @@ class Options(usage.Options):
             _policy_value(_ports),
         ],
         [
+            "receive-buffer",
+            None,
+            DEFAULT_RECEIVE_BUFFER,
+            (
+                "Socket receive buffer to ask for, in bytes (capped by "
+                "net.core.rmem_max; 0 keeps the kernel default): bursts wait "
+                "instead of being dropped."
+            ),
+            _policy_value(_count),
+        ],
+        [
             "refid",
             None,
             "KERN",
@@ -287,7 +298,9 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             policy=policy,
             verbose=bool(options["verbose"]),
         )
-        listener = TimeListener(protocol, spec, reactor)
+        listener = TimeListener(
+            protocol, spec, reactor, receive_buffer=options["receive-buffer"]
+        )
         listener.setName(spec.describe())  # type: ignore[no-untyped-call]
         listener.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top
