@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-
 #: The host of a listener that adopts a socket from systemd (``ntp@systemd:0``);
 #: its port is then the index among the sockets systemd passed.
 SYSTEMD = "systemd"
