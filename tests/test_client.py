@@ -31,6 +31,7 @@ from udptime.client import (
     refid_text,
 )
 from udptime.formats import encode_ctime, encode_daytime, encode_time
+from udptime.listener import TimeListener
 from udptime.ntp import to_ntp
 from udptime.tap import Options, makeService
 
@@ -462,7 +463,7 @@ class LoopbackTests(unittest.TestCase):
         service.privilegedStartService()
         service.startService()
         self.addCleanup(service.stopService)
-        return [listener.bound_port for listener in service]
+        return [s.bound_port for s in service if isinstance(s, TimeListener)]
 
     @defer.inlineCallbacks
     def test_every_format(self) -> Any:

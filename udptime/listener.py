@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
 from udptime.listenspec import SYSTEMD, ListenSpec
+from udptime.metrics import ListenerStats
 from udptime.protocol import TimeProtocol
 
 #: Largest UDP payload over IPv4; every datagram is read whole.
@@ -115,6 +116,11 @@ class TimeListener(service.Service):
         self._reactor = reactor
         self._reuse_port = reuse_port
         self._receive_buffer = receive_buffer
+        #: labels and counters for metrics and summaries; the address is the
+        #: bound one once listening
+        self.stats = ListenerStats(
+            protocol.format_name, spec.host or "0.0.0.0", spec.port, protocol.counters
+        )
         self._sock = sock
         self._port: Any = None
 
@@ -145,6 +151,7 @@ class TimeListener(service.Service):
         finally:
             sock.close()  # the port holds its own duplicate
         address = self._port.getHost()
+        self.stats.address, self.stats.port = address.host, address.port
         self.log.info(
             "serving {udp_format} on UDP {host} port {port}",
             udp_format=self.protocol.format_name,

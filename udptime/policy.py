@@ -255,8 +255,8 @@ class Policy:
     23.3 MiB while the dict first grows), however many sources pass through.
     An evicted source that returns starts with a full bucket, so the table
     must be larger than the number of sources expected to be limited at once;
-    least-recently-used order keeps a flooding source, which is
-    always the most recent, in the table.
+    least-recently-used order keeps a flooding source, always the most
+    recent, in the table.
     """
 
     __slots__ = (

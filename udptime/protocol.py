@@ -12,6 +12,7 @@ from twisted.logger import Logger, LogLevel
 from udptime.counters import Counters
 from udptime.formats import Format
 from udptime.logthrottle import LogThrottle
+from udptime.metrics import LatencyHistogram
 from udptime.ntp import KISS_DENY, KISS_RATE
 from udptime.policy import (
     ANSWER,
@@ -61,6 +62,8 @@ class TimeProtocol(DatagramProtocol):
         self.policy = policy
         self.verbose = verbose
         self.counters = counters if counters is not None else Counters()
+        #: receive-to-send histogram, kept only when metrics are served
+        self.latency: LatencyHistogram | None = None
         self._error_log = LogThrottle(clock)
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
@@ -71,7 +74,8 @@ class TimeProtocol(DatagramProtocol):
             self.counters.received += 1
             self.counters.ignored += 1
             return
-        reply = self.answer(datagram, packed, port, self._clock.seconds())
+        received = self._clock.seconds()
+        reply = self.answer(datagram, packed, port, received)
         if reply is None:
             return
         transport = self.transport
@@ -85,6 +89,8 @@ class TimeProtocol(DatagramProtocol):
             self.throttled_error("sending a reply failed: {error!r}", exc, packed, port)
             return
         self.counters.answered += 1
+        if self.latency is not None:
+            self.latency.observe(self._clock.seconds() - received)
 
     def answer(
         self, datagram: bytes, packed: bytes, port: int, received: float

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from twisted.application import service
+from twisted.application import internet, service
 from twisted.python import usage
 
+from udptime.clockstate import read_kernel_clock
 from udptime.formats import Settings, format_names, get_format
 from udptime.listener import DEFAULT_RECEIVE_BUFFER, TimeListener
 from udptime.listenspec import (
@@ -18,6 +19,12 @@ from udptime.listenspec import (
     parse_listen,
     parse_port,
 )
+from udptime.metrics import (
+    ListenerStats,
+    UdptimeCollector,
+    metrics_site,
+    parse_metrics_address,
+)
 from udptime.ntp import refid_from_text
 from udptime.policy import (
     DEFAULT_LOOP_PORTS,
@@ -27,6 +34,7 @@ from udptime.policy import (
     parse_rate_limit,
 )
 from udptime.protocol import TimeProtocol
+from udptime.summary import SummaryService
 
 DEFAULT_PORT = 20000
 
@@ -206,6 +214,23 @@ class Options(usage.Options):
             _policy_value(_count),
         ],
         [
+            "metrics",
+            None,
+            None,
+            (
+                "Serve Prometheus metrics on [HOST:]PORT at /metrics (a bare port "
+                "binds 127.0.0.1). Off by default."
+            ),
+            _policy_value(parse_metrics_address),
+        ],
+        [
+            "summary-interval",
+            None,
+            60,
+            "Seconds between summary log lines (counts per listener); 0: none.",
+            _policy_value(_count),
+        ],
+        [
             "refid",
             None,
             "KERN",
@@ -269,6 +294,33 @@ class Options(usage.Options):
         return list(self["listen"])
 
 
+def _protocols(top: service.MultiService) -> list[TimeProtocol]:
+    return [s.protocol for s in top if isinstance(s, TimeListener)]
+
+
+def _gauges(policy: Policy | None) -> Callable[[], dict[str, tuple[str, float]]]:
+    def gauges() -> dict[str, tuple[str, float]]:
+        kernel = read_kernel_clock()
+        values = {
+            "clock_synchronised": (
+                "1 if the kernel clock is synchronised (adjtimex), else 0.",
+                float(kernel is not None and kernel.synchronised),
+            ),
+            "kernel_maxerror_seconds": (
+                "The kernel's maximum error estimate (adjtimex maxerror).",
+                kernel.maxerror / 1e6 if kernel is not None else float("nan"),
+            ),
+        }
+        if policy is not None:
+            values["rate_limit_table_entries"] = (
+                "Sources in the rate limiter's table.",
+                float(len(policy)),
+            )
+        return values
+
+    return gauges
+
+
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     """A ``MultiService`` with one UDP listener per ``ListenSpec``.
 
@@ -289,6 +341,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         },
     )
     policy = make_policy(options)
+    stats: list[ListenerStats] = []
     for spec in options.listeners:
         fmt = get_format(spec.format)
         protocol = TimeProtocol(
@@ -303,4 +356,16 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         )
         listener.setName(spec.describe())  # type: ignore[no-untyped-call]
         listener.setServiceParent(top)  # type: ignore[no-untyped-call]
+        stats.append(listener.stats)
+    if options["metrics"] is not None:
+        for listener_stats, protocol in zip(stats, _protocols(top), strict=True):
+            protocol.latency = listener_stats.latency
+        host, port = options["metrics"]
+        site = metrics_site(UdptimeCollector(lambda: stats, _gauges(policy)))
+        metrics = internet.TCPServer(port, site, interface=host, reactor=reactor)
+        metrics.setName("metrics")
+        metrics.setServiceParent(top)
+    if options["summary-interval"]:
+        summary = SummaryService(options["summary-interval"], lambda: stats, reactor)
+        summary.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top

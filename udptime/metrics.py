@@ -1,0 +1,161 @@
+"""Prometheus metrics read from the plain counters on scrape.
+
+The hot path only bumps integers (:class:`udptime.counters.Counters`) and
+bucket counts (:class:`LatencyHistogram`); the collector here turns them into
+metric families when Prometheus asks, so metrics cost nothing per datagram
+beyond those increments. ``prometheus_client`` is imported lazily:
+``prometheus_client.twisted`` installs the global reactor on import.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from udptime.counters import Counters
+
+#: Receive-to-send latency buckets, seconds: 10 us to 100 ms.
+LATENCY_BUCKETS = (
+    1e-5,
+    2.5e-5,
+    5e-5,
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    1e-2,
+    2.5e-2,
+    1e-1,
+)
+
+COUNTER_HELP = {
+    "received": "Datagrams received.",
+    "answered": "Datagrams sent back (Kiss-o'-Death replies included).",
+    "rate_limited": "Datagrams over their source's rate limit (dropped or kissed).",
+    "denied": "Datagrams refused by the access lists.",
+    "ignored": "Datagrams owed no reply: malformed, not a request, loop guard.",
+    "kisses": "Kiss-o'-Death replies sent.",
+    "send_errors": "Replies the kernel refused to send.",
+    "errors": "Replies that failed to build (bugs; should stay 0).",
+}
+
+
+class LatencyHistogram:
+    """Bucket counts of receive-to-send time, as plain integers."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """Prometheus buckets: cumulative counts with ``le`` labels, ``+Inf`` last."""
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            out.append(
+                ("+Inf" if bound == float("inf") else repr(bound), float(running))
+            )
+        return out
+
+
+@dataclass
+class ListenerStats:
+    """What one listener exposes: its labels, counters and latency histogram."""
+
+    format: str
+    address: str
+    port: int
+    counters: Counters
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    worker: str = "0"
+
+    def labels(self) -> list[str]:
+        return [self.format, self.address, str(self.port), self.worker]
+
+
+LABELS = ["format", "address", "port", "worker"]
+
+
+class UdptimeCollector:
+    """A ``prometheus_client`` collector over our plain counters."""
+
+    def __init__(
+        self,
+        listeners: Callable[[], list[ListenerStats]],
+        gauges: Callable[[], dict[str, tuple[str, float]]],
+    ) -> None:
+        self._listeners = listeners
+        self._gauges = gauges
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        listeners = self._listeners()
+        for name, help_text in COUNTER_HELP.items():
+            family = CounterMetricFamily(f"udptime_{name}", help_text, labels=LABELS)
+            for stats in listeners:
+                family.add_metric(stats.labels(), getattr(stats.counters, name))
+            yield family
+        latency = HistogramMetricFamily(
+            "udptime_response_seconds",
+            "Time from the kernel receiving a request to handing over the reply.",
+            labels=LABELS,
+        )
+        for stats in listeners:
+            latency.add_metric(
+                stats.labels(), stats.latency.cumulative(), stats.latency.total
+            )
+        yield latency
+        for name, (help_text, value) in self._gauges().items():
+            yield GaugeMetricFamily(f"udptime_{name}", help_text, value=value)
+
+    def describe(self) -> list[Any]:
+        # Collected on demand only: registering must not call collect().
+        return []
+
+
+def parse_metrics_address(text: str) -> tuple[str, int]:
+    """``[HOST:]PORT``; a bare port binds 127.0.0.1 so metrics stay private."""
+    host, colon, port_text = text.rpartition(":")
+    if not colon:
+        host = "127.0.0.1"
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port = int(port_text, 10)
+    except ValueError:
+        raise ValueError(f"--metrics {text!r}: expected [HOST:]PORT") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--metrics {text!r}: port out of range 0-65535")
+    return host, port
+
+
+def metrics_site(collector: UdptimeCollector) -> Any:
+    """A ``twisted.web`` site serving ``/metrics`` from a registry of our own."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.twisted import MetricsResource
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(registry=registry))  # type: ignore[no-untyped-call]
+    site = Site(root)
+    site.noisy = False
+    return site

@@ -1,0 +1,52 @@
+"""A periodic summary line per listener instead of a line per datagram."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.application.internet import TimerService
+from twisted.logger import Logger
+
+from udptime.metrics import ListenerStats
+
+
+class SummaryService(TimerService):
+    """Every *interval* seconds, log each listener's counts since the last line.
+
+    Operators read these to see that a server is alive and what it faces
+    (floods show as rate_limited, scans as ignored) without a log line per
+    datagram; the fields are structured for JSON logs.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        interval: float,
+        listeners: Callable[[], list[ListenerStats]],
+        clock: object,
+    ) -> None:
+        super().__init__(interval, self.summarise)  # type: ignore[no-untyped-call]
+        self.clock = clock
+        self._listeners = listeners
+        self._last: dict[tuple[str, str, int, str], dict[str, int]] = {}
+
+    def summarise(self) -> None:
+        for stats in self._listeners():
+            key = (stats.format, stats.address, stats.port, stats.worker)
+            now = stats.counters.snapshot()
+            before = self._last.get(key, dict.fromkeys(now, 0))
+            delta = {name: now[name] - before[name] for name in now}
+            self._last[key] = now
+            self.log.info(
+                "{udp_format} on {address} port {port}: {received} received, "
+                "{answered} answered, {rate_limited} rate-limited, {denied} denied, "
+                "{ignored} ignored, {send_errors} send errors in the last {interval} s",
+                udp_format=stats.format,
+                address=stats.address,
+                port=stats.port,
+                worker=stats.worker,
+                interval=self.step,
+                summary=True,
+                **delta,
+            )
