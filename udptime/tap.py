@@ -113,7 +113,8 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Serve the current time over UDP: ctime text (the default, as the "
-        "socketserver recipe), RFC 867 daytime or RFC 868 time."
+        "socketserver recipe), RFC 867 daytime, RFC 868 time or NTPv4/SNTP "
+        "server mode, with per-source rate limiting on by default."
     )
 
     optFlags: ClassVar[list[list[Any]]] = [
@@ -256,8 +257,7 @@ class Options(usage.Options):
         self["deny"].append(_policy_value(parse_cidr)(value))
 
     def opt_listen(self, value: str) -> None:
-        """FORMAT@PORT, FORMAT@HOST:PORT or FORMAT@[IPV6]:PORT; repeatable.
-        Replaces --port/--interface/--format."""
+        """FORMAT@[HOST:]PORT, FORMAT@[IPV6]:PORT, FORMAT@systemd:N; repeatable."""
         try:
             fmt, host, port = parse_listen(value)
         except ListenSpecError as exc:
