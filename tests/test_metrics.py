@@ -126,14 +126,14 @@ class JsonLogTests(unittest.TestCase):
         poll_until_answered("127.0.0.1", port, process=server.process)
         deadline = time.monotonic() + 15
 
-        def events() -> list[dict[str, Any]]:
+        def read_events() -> list[dict[str, Any]]:
             return [json.loads(line) for line in server.log_text().splitlines() if line]
 
-        while not any(e.get("summary") and e["received"] for e in events()):
+        while not any(e.get("summary") and e["received"] for e in read_events()):
             self.assertLess(time.monotonic(), deadline, server.log_text())
             time.sleep(0.05)
         server.terminate()
-        events = events()
+        events = read_events()
         started = [e for e in events if e.get("log_format", "").startswith("serving")]
         self.assertEqual(started[0]["udp_format"], "time")
         self.assertEqual(started[0]["port"], port)

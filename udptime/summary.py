@@ -39,7 +39,8 @@ class SummaryService(TimerService):
             delta = {name: now[name] - before[name] for name in now}
             self._last[key] = now
             self.log.info(
-                "{udp_format} on {address} port {port}: {received} received, "
+                "{udp_format} on {address} port {port} (worker {worker}): "
+                "{received} received, "
                 "{answered} answered, {rate_limited} rate-limited, {denied} denied, "
                 "{ignored} ignored, {send_errors} send errors in the last {interval} s",
                 udp_format=stats.format,

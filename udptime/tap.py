@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import sys
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -35,6 +37,7 @@ from udptime.policy import (
 )
 from udptime.protocol import TimeProtocol
 from udptime.summary import SummaryService
+from udptime.workers import WorkerSupervisor
 
 DEFAULT_PORT = 20000
 
@@ -232,6 +235,17 @@ class Options(usage.Options):
             _policy_value(_count),
         ],
         [
+            "workers",
+            None,
+            1,
+            (
+                "Processes serving the same ports (SO_REUSEPORT; the kernel keeps a "
+                "source on one worker). This process serves too and restarts dead "
+                "workers."
+            ),
+            _policy_value(_positive),
+        ],
+        [
             "refid",
             None,
             "KERN",
@@ -264,7 +278,16 @@ class Options(usage.Options):
             raise usage.UsageError(str(exc)) from None
         self["listen"].append(ListenSpec(fmt, host, port))
 
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        # Kept so --workers can start each worker with the same command line.
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)  # type: ignore[no-untyped-call]
+
     def postOptions(self) -> None:
+        if self["workers"] > 1 and any(s.host == SYSTEMD for s in self["listen"]):
+            raise usage.UsageError(
+                "--workers cannot share systemd sockets: run one instance per socket"
+            )
         # usage.Options coerces given values only; defaults arrive as text.
         for key, parse in (("rate-limit", parse_rate_limit), ("loop-ports", _ports)):
             if isinstance(self[key], str):
@@ -294,10 +317,6 @@ class Options(usage.Options):
         return list(self["listen"])
 
 
-def _protocols(top: service.MultiService) -> list[TimeProtocol]:
-    return [s.protocol for s in top if isinstance(s, TimeListener)]
-
-
 def _gauges(policy: Policy | None) -> Callable[[], dict[str, tuple[str, float]]]:
     def gauges() -> dict[str, tuple[str, float]]:
         kernel = read_kernel_clock()
@@ -321,8 +340,24 @@ def _gauges(policy: Policy | None) -> Callable[[], dict[str, tuple[str, float]]]
     return gauges
 
 
-def makeService(options: Options, reactor: Any = None) -> service.MultiService:
-    """A ``MultiService`` with one UDP listener per ``ListenSpec``.
+class UdptimeService(service.MultiService):
+    """All of one udptime process: listeners, workers, metrics, summaries."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.listeners: list[TimeListener] = []
+        self.supervisor: WorkerSupervisor | None = None
+
+    def stats(self) -> list[ListenerStats]:
+        """Every listener's counters, this process's and its workers'."""
+        own = [listener.stats for listener in self.listeners]
+        if self.supervisor is None:
+            return own
+        return own + self.supervisor.all_stats()
+
+
+def makeService(options: Options, reactor: Any = None) -> UdptimeService:
+    """The whole server for twistd and the .tac: listeners, workers, metrics.
 
     *reactor* defaults to the global one, imported here rather than at module
     level so that loading the plugin never installs a reactor.
@@ -331,7 +366,18 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    top = service.MultiService()
+    return build_service(options, reactor)
+
+
+def build_service(
+    options: Options,
+    reactor: Any,
+    *,
+    sockets: list[socket.socket] | None = None,
+    worker: str = "0",
+) -> UdptimeService:
+    """``makeService`` for a worker too: *sockets* are its inherited ones."""
+    top = UdptimeService()
     settings = Settings(
         wall_clock=reactor.seconds,
         extra={
@@ -341,8 +387,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         },
     )
     policy = make_policy(options)
-    stats: list[ListenerStats] = []
-    for spec in options.listeners:
+    workers = options["workers"] if sockets is None else 1
+    for n, spec in enumerate(options.listeners):
         fmt = get_format(spec.format)
         protocol = TimeProtocol(
             fmt,
@@ -352,20 +398,36 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             verbose=bool(options["verbose"]),
         )
         listener = TimeListener(
-            protocol, spec, reactor, receive_buffer=options["receive-buffer"]
+            protocol,
+            spec,
+            reactor,
+            reuse_port=workers > 1 or sockets is not None,
+            receive_buffer=options["receive-buffer"],
+            sock=None if sockets is None else sockets[n],
         )
+        listener.stats.worker = worker
         listener.setName(spec.describe())  # type: ignore[no-untyped-call]
         listener.setServiceParent(top)  # type: ignore[no-untyped-call]
-        stats.append(listener.stats)
-    if options["metrics"] is not None:
-        for listener_stats, protocol in zip(stats, _protocols(top), strict=True):
-            protocol.latency = listener_stats.latency
+        top.listeners.append(listener)
+    if workers > 1:
+        top.supervisor = WorkerSupervisor(
+            top.listeners, workers, options.argv, reactor, options["receive-buffer"]
+        )
+        top.supervisor.setServiceParent(top)  # type: ignore[no-untyped-call]
+    if options["metrics"] is not None and sockets is None:
+        for listener in top.listeners:
+            listener.protocol.latency = listener.stats.latency
         host, port = options["metrics"]
-        site = metrics_site(UdptimeCollector(lambda: stats, _gauges(policy)))
+        site = metrics_site(UdptimeCollector(top.stats, _gauges(policy)))
         metrics = internet.TCPServer(port, site, interface=host, reactor=reactor)
         metrics.setName("metrics")
         metrics.setServiceParent(top)
     if options["summary-interval"]:
-        summary = SummaryService(options["summary-interval"], lambda: stats, reactor)
+        # Workers log their own summaries; this process summarises its own.
+        summary = SummaryService(
+            options["summary-interval"],
+            lambda: [listener.stats for listener in top.listeners],
+            reactor,
+        )
         summary.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top
