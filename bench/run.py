@@ -1,0 +1,1474 @@
+#!/usr/bin/env python3
+"""udptime benchmark: throughput, latency and NTP accuracy on loopback.
+
+One command::
+
+    python bench/run.py [--quick] [--out bench/results]
+
+Builds the C load generator and the C ceiling server into ``bench/build/``,
+then, one server at a time, starts each server pinned to CPU 1, drives it from
+CPU 0 with the closed-loop load generator (same sockets, window and duration
+for every server), measures replies/s, the server's CPU and low-load RTT, and
+stops it. NTP servers are then queried by independent clients (``chronyd -Q``
+and, where port 123 can be bound, ``sntp``) idle and while loaded at half their
+measured maximum. Writes ``results.json``, ``results.md`` and ``results.png``
+(to ``bench/results/``; a ``--quick`` smoke run to ``bench/build/results-quick/``).
+See docs/benchmarks.md.
+
+Which servers run is the ``VARIANTS`` table below. A udptime row whose format
+or options the installed udptime does not offer (read from
+``twistd udptime --help``) is skipped and the reason recorded. Only loopback
+addresses are ever targeted; every process started here is ended on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+BUILD = BENCH / "build"
+SERVERS = BENCH / "servers"
+
+LOAD_CPU = 0
+SERVER_CPU = 1
+LOOPBACK = "127.0.0.1"
+#: Loopback addresses for the accuracy phase's port-123 servers (sntp only
+#: talks to port 123); one per server so they never collide.
+NTP123_HOSTS = {"udptime ntp": "127.0.123.1", "chronyd": "127.0.123.2"}
+SOURCE_BASE = "127.1.0.1"
+#: Requests rotate over this many source addresses: at 200k requests/s that
+#: is ~6/s per source, under the default per-source limit of udptime (10/s).
+DEFAULT_SOURCES = 32768
+
+RECIPE = "recipe socketserver"
+CEILING = "C ceiling"
+CHRONYD = "chronyd"
+
+NTP_UNIX_OFFSET = 2_208_988_800
+#: A round during which other processes kept this much of a CPU busy is
+#: "disturbed"; see Profile.max_rounds.
+DISTURBED_PCT = 10.0
+#: Seconds kept free for the NTP offset phase.
+ACCURACY_RESERVE_S = 25.0
+
+
+# --------------------------------------------------------------------------
+# What runs: profiles and the variant table.
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    warmup: float  # seconds of load before each measurement, not counted
+    duration: float  # seconds measured per round
+    rounds: int  # rounds over all servers at least; the best round is reported
+    latency_duration: float  # seconds of W=1, K=1 load for RTT percentiles
+    sockets: int  # K
+    window: int  # W: requests in flight per socket
+    sntp_samples: int
+    budget_s: float  # the whole run stays under this
+    #: Rows whose best round was disturbed (other CPU above DISTURBED_PCT) get
+    #: more rounds, up to this many, while the budget lasts.
+    max_rounds: int
+
+
+FULL = Profile(
+    name="full",
+    warmup=0.5,
+    duration=2.5,
+    rounds=3,
+    latency_duration=1.0,
+    sockets=16,
+    window=8,
+    sntp_samples=10,
+    max_rounds=8,
+    budget_s=275.0,
+)
+QUICK = Profile(
+    name="quick",
+    warmup=0.3,
+    duration=1.5,
+    rounds=1,
+    latency_duration=0.5,
+    sockets=16,
+    window=8,
+    sntp_samples=3,
+    max_rounds=1,
+    budget_s=58.0,
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the benchmark: a server and how to talk to it."""
+
+    name: str
+    kind: str  # udptime | recipe_socketserver | recipe_socket | asyncio | chronyd | ceiling
+    payload: str  # "empty" (text formats) or "ntp" (48-byte client request)
+    fmt: str = "ctime"  # udptime --format
+    extra_args: tuple[str, ...] = ()  # further udptime options
+    quick: bool = False  # also run under --quick
+    accuracy: bool = False  # NTP offset measured with independent clients
+    note: str = ""
+
+
+#: NTP rows serve the unsynchronised clock of this machine the way chronyd's
+#: ``local stratum 10`` does; without it udptime says LI=3, stratum 16 (as it
+#: should), and clients such as sntp and chronyd -Q refuse the reply.
+LOCAL = ("--local-stratum", "10")
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant(
+        "udptime ctime",
+        "udptime",
+        "empty",
+        "ctime",
+        quick=True,
+        note="defaults (per-source rate limit on; the load spreads over sources)",
+    ),
+    Variant(
+        "udptime ctime, rate limit off",
+        "udptime",
+        "empty",
+        "ctime",
+        ("--rate-limit", "off"),
+        note="per-source rate limiter switched off",
+    ),
+    Variant("udptime time", "udptime", "empty", "time", note="RFC 868, defaults"),
+    Variant(
+        "udptime ntp",
+        "udptime",
+        "ntp",
+        "ntp",
+        LOCAL,
+        quick=True,
+        accuracy=True,
+        note="--local-stratum 10, otherwise defaults",
+    ),
+    Variant(
+        "udptime ntp, rate limit off",
+        "udptime",
+        "ntp",
+        "ntp",
+        (*LOCAL, "--rate-limit", "off"),
+        note="--local-stratum 10, per-source rate limiter switched off",
+    ),
+    Variant(
+        RECIPE,
+        "recipe_socketserver",
+        "empty",
+        quick=True,
+        note="recipe's socketserver.UDPServer, per-request print to /dev/null",
+    ),
+    Variant(
+        "recipe socket loop",
+        "recipe_socket",
+        "empty",
+        note="recipe's recvfrom/sendto loop, per-request print to /dev/null",
+    ),
+    Variant("asyncio ctime", "asyncio", "empty", note="stdlib asyncio, no print"),
+    Variant(
+        CHRONYD,
+        "chronyd",
+        "ntp",
+        quick=True,
+        accuracy=True,
+        note="chronyd -x as an NTP server, local stratum 10",
+    ),
+    Variant(
+        CEILING,
+        "ceiling",
+        "empty",
+        quick=True,
+        note="C recvmmsg/sendmmsg, batch 64, ctime cached per second",
+    ),
+)
+
+
+# --------------------------------------------------------------------------
+# Process bookkeeping: everything started here is ended here.
+
+
+class Processes:
+    """Every child started in its own session, ended by its own id."""
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen[Any]] = []
+
+    def start(self, cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        proc = subprocess.Popen(list(cmd), start_new_session=True, **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[Any], grace: float = 3.0) -> None:
+        if proc.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                with suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=grace)
+        else:
+            # The leader is gone; end anything it left in its group.
+            with suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        if proc in self._procs:
+            self._procs.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in list(self._procs):
+            with suppress(Exception):
+                self.stop(proc, grace=2.0)
+
+
+PROCS = Processes()
+
+
+class Clock:
+    """The run's deadline: steps that would not fit are skipped, not started."""
+
+    def __init__(self, budget: float) -> None:
+        self.start = time.monotonic()
+        self.deadline = self.start + budget
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def fits(self, seconds: float) -> bool:
+        return self.left() >= seconds
+
+
+# --------------------------------------------------------------------------
+# Tools, pinning, ports, probes.
+
+
+def twistd_path() -> str:
+    here = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if os.access(here, os.X_OK):
+        return here
+    found = shutil.which("twistd")
+    if found is None:
+        raise SystemExit("bench: no twistd beside this Python or on PATH")
+    return found
+
+
+def pinning_available() -> bool:
+    if shutil.which("taskset") is None:
+        return False
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # pragma: no cover - non-Linux
+        return False
+    return {LOAD_CPU, SERVER_CPU} <= cpus
+
+
+PINNED = pinning_available()
+#: Raised priority for the server and the load generator when we may (root):
+#: other work on a shared machine then disturbs the measurement less.
+NICE: int | None = -10 if os.geteuid() == 0 and shutil.which("nice") else None
+
+
+def pin(cpu: int, cmd: Sequence[str]) -> list[str]:
+    """*cmd* pinned to *cpu* (when possible) at the benchmark's priority."""
+    out = ["taskset", "-c", str(cpu), *cmd] if PINNED else list(cmd)
+    return ["nice", "-n", str(NICE), *out] if NICE is not None else out
+
+
+def cpu_busy_ticks() -> int | None:
+    """Busy clock ticks of the two benchmark CPUs so far, from /proc/stat."""
+    wanted = {f"cpu{LOAD_CPU}", f"cpu{SERVER_CPU}"}
+    total = 0
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split()
+        if parts and parts[0] in wanted:
+            ticks = [int(v) for v in parts[1:]]
+            total += sum(ticks[:8]) - ticks[3] - ticks[4]  # less idle, iowait
+    return total
+
+
+def free_udp_port() -> int:
+    """A port free on every IPv4 address (the recipes bind ``''``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def can_bind(host: str, port: int) -> bool:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((host, port))
+    except OSError:
+        return False
+    return True
+
+
+def ntp_request() -> bytes:
+    now = time.time() + NTP_UNIX_OFFSET
+    sec = int(now)
+    frac = int((now - sec) * 2**32) & 0xFFFFFFFF
+    return bytes([0x23]) + bytes(39) + struct.pack("!II", sec, frac)
+
+
+def probe_once(host: str, port: int, payload: str, timeout: float) -> bytes | None:
+    data = ntp_request() if payload == "ntp" else b""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.sendto(data, (host, port))
+            reply, _ = sock.recvfrom(2048)
+        except OSError:
+            return None
+    return reply
+
+
+class StartError(Exception):
+    pass
+
+
+class Interrupted(Exception):
+    """SIGTERM arrived: stop measuring, end the servers, write what we have."""
+
+
+def wait_ready(
+    proc: subprocess.Popen[Any], host: str, port: int, payload: str, deadline: float
+) -> float:
+    """Poll with a real query until the server answers; seconds it took."""
+    t0 = time.monotonic()
+    end = t0 + deadline
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise StartError(f"exited with status {proc.returncode} before answering")
+        reply = probe_once(host, port, payload, timeout=0.1)
+        if reply:
+            if payload == "ntp" and (len(reply) < 48 or reply[0] & 7 != 4):
+                raise StartError(f"answered a probe with a non-NTP reply {reply[:8]!r}")
+            return time.monotonic() - t0
+    raise StartError(f"no answer to a probe within {deadline:.0f} s")
+
+
+def proc_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of *pid* from /proc/PID/stat, in seconds."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    ticks = int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tail(path: Path, limit: int = 600) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return text[-limit:].strip()
+
+
+# --------------------------------------------------------------------------
+# Building the C parts.
+
+
+def build_c() -> dict[str, str]:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise SystemExit("bench: a C compiler (cc) is needed for the load generator")
+    BUILD.mkdir(parents=True, exist_ok=True)
+    out: dict[str, str] = {}
+    for name, src, libs in (
+        ("loadgen", BENCH / "loadgen.c", ["-lm"]),
+        ("ceiling", SERVERS / "ceiling.c", []),
+    ):
+        exe = BUILD / name
+        cmd = [cc, "-O2", "-Wall", "-o", str(exe), str(src), *libs]
+        result = subprocess.run(
+            cmd, capture_output=True, check=False, text=True, timeout=120
+        )
+        if result.returncode != 0:
+            raise SystemExit(f"bench: building {name} failed:\n{result.stderr}")
+        out[name] = shlex.join(cmd)
+    return out
+
+
+# --------------------------------------------------------------------------
+# udptime capabilities.
+
+
+def udptime_help(twistd: str) -> str:
+    result = subprocess.run(
+        [twistd, "udptime", "--help"],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=60,
+    )
+    return result.stdout + result.stderr
+
+
+def option_block(help_text: str, option: str) -> str:
+    """The help lines describing *option* (its line and its continuations)."""
+    lines = help_text.splitlines()
+    start = re.compile(r"^\s+(-\w,\s+)?--[\w-]+")
+    for i, line in enumerate(lines):
+        if re.search(rf"(^|[\s,]){re.escape(option)}(=|\s|$)", line) and start.match(
+            line
+        ):
+            block = [line]
+            for more in lines[i + 1 :]:
+                if start.match(more) or not more.strip():
+                    break
+                block.append(more)
+            return " ".join(block)
+    return ""
+
+
+def unsupported(variant: Variant, help_text: str) -> str | None:
+    """Why the installed udptime cannot run *variant*, or None if it can."""
+    if variant.kind != "udptime":
+        return None
+    formats = option_block(help_text, "--format")
+    if not formats:
+        return "udptime --help shows no --format option"
+    if not re.search(rf"\b{re.escape(variant.fmt)}\b", formats.split(":", 1)[-1]):
+        return f"installed udptime has no --format {variant.fmt} (its --help: {formats.strip()!r})"
+    for arg in variant.extra_args:
+        if arg.startswith("--"):
+            name = arg.split("=", 1)[0]
+            if not option_block(help_text, name):
+                return f"installed udptime has no {name} option"
+    return None
+
+
+def udptime_skip_reasons(twistd: str, variants: Sequence[Variant]) -> dict[str, str]:
+    help_text = udptime_help(twistd)
+    reasons: dict[str, str] = {}
+    for variant in variants:
+        reason = unsupported(variant, help_text)
+        if reason:
+            reasons[variant.name] = reason
+    return reasons
+
+
+# --------------------------------------------------------------------------
+# Servers.
+
+
+@dataclass
+class Server:
+    variant: Variant
+    proc: subprocess.Popen[Any]
+    host: str
+    port: int
+    cmd: list[str]
+    workdir: Path
+    log: Path
+    ready_s: float = 0.0
+
+
+def chronyd_config(workdir: Path, host: str, port: int) -> Path:
+    conf = workdir / "chronyd.conf"
+    conf.write_text(
+        "\n".join(
+            [
+                f"port {port}",
+                f"bindaddress {host}",
+                "allow 127.0.0.0/8",
+                "local stratum 10",
+                "cmdport 0",
+                "bindcmdaddress /",
+                f"pidfile {workdir / 'chronyd.pid'}",
+                f"driftfile {workdir / 'chronyd.drift'}",
+                "",
+            ]
+        )
+    )
+    return conf
+
+
+def server_command(
+    variant: Variant, host: str, port: int, workdir: Path, twistd: str
+) -> list[str]:
+    py = sys.executable
+    if variant.kind == "udptime":
+        return [
+            twistd,
+            "-n",
+            "--pidfile=",
+            "udptime",
+            "--interface",
+            host,
+            "--port",
+            str(port),
+            "--format",
+            variant.fmt,
+            *variant.extra_args,
+        ]
+    if variant.kind == "recipe_socketserver":
+        return [py, str(SERVERS / "recipe_socketserver.py"), str(port)]
+    if variant.kind == "recipe_socket":
+        return [py, str(SERVERS / "recipe_socket.py"), str(port)]
+    if variant.kind == "asyncio":
+        return [py, str(SERVERS / "asyncio_ctime.py"), str(port), host]
+    if variant.kind == "ceiling":
+        return [str(BUILD / "ceiling"), str(port), host]
+    if variant.kind == "chronyd":
+        chronyd = shutil.which("chronyd") or "/usr/sbin/chronyd"
+        cmd = [chronyd, "-x", "-d"]
+        if os.geteuid() == 0:
+            cmd += ["-u", "root"]  # keep root: the temp dir's files stay ours
+        return [*cmd, "-f", str(chronyd_config(workdir, host, port))]
+    raise ValueError(f"unknown server kind {variant.kind!r}")
+
+
+def missing_tool(variant: Variant) -> str | None:
+    if variant.kind == "chronyd" and not (
+        shutil.which("chronyd") or os.access("/usr/sbin/chronyd", os.X_OK)
+    ):
+        return "chronyd is not installed (apt-get install chrony)"
+    return None
+
+
+@contextmanager
+def running_server(
+    variant: Variant, twistd: str, host: str = LOOPBACK, port: int | None = None
+) -> Iterator[Server]:
+    workdir = Path(tempfile.mkdtemp(prefix="udptime-bench-"))
+    port = port if port is not None else free_udp_port()
+    cmd = pin(SERVER_CPU, server_command(variant, host, port, workdir, twistd))
+    log = workdir / "server.log"
+    quiet_stdout = variant.kind in ("recipe_socketserver", "recipe_socket")
+    with open(log, "wb") as log_file:
+        proc = PROCS.start(
+            cmd,
+            cwd=workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL if quiet_stdout else log_file,
+            stderr=log_file,
+        )
+    server = Server(variant, proc, host, port, cmd, workdir, log)
+    try:
+        try:
+            server.ready_s = wait_ready(
+                proc, host, port, variant.payload, deadline=20.0
+            )
+        except StartError as exc:
+            PROCS.stop(proc)
+            raise StartError(f"{exc}; log: {tail(log) or '(empty)'}") from None
+        yield server
+    finally:
+        PROCS.stop(proc)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# The load generator.
+
+
+def loadgen_command(
+    server: Server,
+    profile: Profile,
+    *,
+    duration: float,
+    warmup: float,
+    latency: bool = False,
+    rate: float = 0.0,
+    sources: int = 0,
+) -> list[str]:
+    cmd = [
+        str(BUILD / "loadgen"),
+        "--host",
+        server.host,
+        "--port",
+        str(server.port),
+        "--payload",
+        server.variant.payload,
+        "--duration",
+        f"{duration:g}",
+        "--warmup",
+        f"{warmup:g}",
+        "--timeout-ms",
+        "100",
+    ]
+    if latency:
+        cmd.append("--latency")
+    else:
+        cmd += ["--sockets", str(profile.sockets), "--window", str(profile.window)]
+    if sources:
+        cmd += ["--sources", str(sources), "--source-base", SOURCE_BASE]
+    if rate > 0:
+        cmd += ["--rate", f"{rate:.0f}"]
+    return pin(LOAD_CPU, cmd)
+
+
+def run_loadgen(cmd: list[str], timeout: float) -> dict[str, Any]:
+    result = subprocess.run(
+        cmd, capture_output=True, check=False, text=True, timeout=timeout
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"loadgen failed ({result.returncode}): {result.stderr.strip()}"
+        )
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def measure(server: Server, profile: Profile, sources: int) -> dict[str, Any]:
+    """One round against a running server: warm-up, throughput, latency."""
+    pid = server.proc.pid
+    warm = loadgen_command(
+        server, profile, duration=profile.warmup, warmup=0, sources=sources
+    )
+    run_loadgen(warm, timeout=profile.warmup + 15)
+
+    load = loadgen_command(
+        server, profile, duration=profile.duration, warmup=0, sources=sources
+    )
+    busy0 = cpu_busy_ticks()
+    cpu0, t0 = proc_cpu_seconds(pid), time.monotonic()
+    throughput = run_loadgen(load, timeout=profile.duration + 15)
+    cpu1, t1 = proc_cpu_seconds(pid), time.monotonic()
+    busy1 = cpu_busy_ticks()
+    server_cpu = other_cpu = None
+    if cpu0 is not None and cpu1 is not None:
+        server_cpu = round(100.0 * (cpu1 - cpu0) / (t1 - t0), 1)
+        if busy0 is not None and busy1 is not None:
+            # Busy time on the two CPUs that neither the server nor the load
+            # generator used: other processes sharing the machine.
+            busy = (busy1 - busy0) / os.sysconf("SC_CLK_TCK")
+            other = busy - (cpu1 - cpu0) - float(throughput["loadgen_cpu_s"])
+            other_cpu = round(max(0.0, 100.0 * other / (t1 - t0)), 1)
+
+    lat_cmd = loadgen_command(
+        server,
+        profile,
+        duration=profile.latency_duration,
+        warmup=0.2,
+        latency=True,
+        sources=sources,
+    )
+    latency = run_loadgen(lat_cmd, timeout=profile.latency_duration + 15)
+    return {
+        "throughput": throughput,
+        "server_cpu_pct": server_cpu,
+        "other_cpu_pct": other_cpu,
+        "loadgen_cpu_pct": round(
+            100.0 * throughput["loadgen_cpu_s"] / throughput["duration_s"], 1
+        ),
+        "latency": latency,
+        "commands": {"throughput": shlex.join(load), "latency": shlex.join(lat_cmd)},
+        "cpu_pressure": cpu_pressure(),
+    }
+
+
+def cpu_pressure() -> str | None:
+    try:
+        return Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+
+
+# --------------------------------------------------------------------------
+# NTP accuracy with independent clients.
+
+
+def chronyd_query(host: str, port: int, workdir: Path) -> dict[str, Any]:
+    """``chronyd -Q``: measure the offset to one server, never set the clock."""
+    chronyd = shutil.which("chronyd") or "/usr/sbin/chronyd"
+    cmd = [chronyd, "-Q", "-t", "5"]
+    if os.geteuid() == 0:
+        cmd += ["-u", "root"]
+    cmd += [
+        f"server {host} port {port} iburst minpoll -6 maxpoll -6",
+        f"pidfile {workdir / 'query.pid'}",
+        "cmdport 0",
+        "bindcmdaddress /",
+    ]
+    cmd = pin(LOAD_CPU, cmd)
+    t0 = time.monotonic()
+    try:
+        result = subprocess.run(
+            cmd, capture_output=True, check=False, text=True, timeout=10
+        )
+    except subprocess.TimeoutExpired:
+        return {"command": shlex.join(cmd), "error": "timed out"}
+    text = result.stdout + result.stderr
+    found = re.search(r"System clock wrong by (-?[0-9.]+) seconds", text)
+    out: dict[str, Any] = {
+        "command": shlex.join(cmd),
+        "seconds": round(time.monotonic() - t0, 3),
+    }
+    if found:
+        out["offset_s"] = float(found.group(1))
+    else:
+        out["error"] = (
+            f"no offset in output (status {result.returncode}): {text.strip()[-300:]}"
+        )
+    return out
+
+
+def sntp_query(host: str, samples: int) -> dict[str, Any]:
+    """``sntp -j`` *samples* times (it only ever talks to port 123)."""
+    sntp = shutil.which("sntp") or shutil.which("ntpdig")
+    if sntp is None:
+        return {"error": "sntp is not installed (apt-get install sntp)"}
+    cmd = pin(LOAD_CPU, [sntp, "-j", "-t", "2", host])
+    offsets: list[float] = []
+    errors: list[str] = []
+    for _ in range(samples):
+        try:
+            result = subprocess.run(
+                cmd, capture_output=True, check=False, text=True, timeout=5
+            )
+        except subprocess.TimeoutExpired:
+            errors.append("timed out")
+            break
+        found = re.search(r'"offset":\s*(-?[0-9.eE+-]+)', result.stdout)
+        if found:
+            offsets.append(float(found.group(1)))
+        else:
+            errors.append((result.stdout + result.stderr).strip()[-200:] or "no output")
+            if len(errors) >= 2:
+                break  # the server is not answering sntp: no point in more
+    return {"command": shlex.join(cmd), **offset_summary(offsets), "errors": errors}
+
+
+def offset_summary(offsets: list[float]) -> dict[str, Any]:
+    if not offsets:
+        return {"samples": 0}
+    return {
+        "samples": len(offsets),
+        "offsets_s": offsets,
+        "median_s": statistics.median(offsets),
+        "max_abs_s": max(abs(o) for o in offsets),
+    }
+
+
+def accuracy_for(
+    variant: Variant,
+    twistd: str,
+    profile: Profile,
+    max_rate: float | None,
+    sources: int,
+) -> dict[str, Any]:
+    """Offsets seen by chronyd -Q and sntp against *variant*, idle and loaded."""
+    host, port = LOOPBACK, None
+    sntp_reason = None
+    wanted = NTP123_HOSTS.get(variant.name, "127.0.123.9")
+    if os.geteuid() != 0:
+        sntp_reason = "sntp only queries port 123, which needs root to bind"
+    elif not can_bind(wanted, 123):
+        sntp_reason = f"port 123 on {wanted} is not free"
+    else:
+        host, port = wanted, 123
+    out: dict[str, Any] = {"server": variant.name}
+    with running_server(variant, twistd, host=host, port=port) as server:
+        out["address"] = f"{server.host}:{server.port}"
+        out["server_command"] = shlex.join(server.cmd)
+        for phase in ("idle", "loaded"):
+            entry: dict[str, Any] = {}
+            load_proc = None
+            if phase == "loaded":
+                rate = (max_rate or 2000.0) / 2
+                cmd = loadgen_command(
+                    server, profile, duration=120, warmup=0, rate=rate, sources=sources
+                )
+                entry["load_command"] = shlex.join(cmd)
+                entry["target_rate"] = round(rate)
+                load_proc = PROCS.start(
+                    cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                )
+                time.sleep(0.5)  # let the load settle before the first query
+            try:
+                entry["chronyd_Q"] = chronyd_query(
+                    server.host, server.port, server.workdir
+                )
+                if sntp_reason is None:
+                    entry["sntp"] = sntp_query(server.host, profile.sntp_samples)
+                else:
+                    entry["sntp"] = {"skipped": sntp_reason}
+            finally:
+                if load_proc is not None:
+                    with suppress(ProcessLookupError):
+                        os.killpg(load_proc.pid, signal.SIGTERM)
+                    try:
+                        stdout, _ = load_proc.communicate(timeout=5)
+                        entry["load"] = json.loads(stdout)
+                    except (subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+                        entry["load"] = {"error": repr(exc)}
+                    PROCS.stop(load_proc)
+            out[phase] = entry
+    return out
+
+
+# --------------------------------------------------------------------------
+# Machine description.
+
+
+def run_text(cmd: Sequence[str]) -> str:
+    try:
+        result = subprocess.run(
+            list(cmd), capture_output=True, check=False, text=True, timeout=20
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return (result.stdout + result.stderr).strip()
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    for line in run_text(["lscpu"]).splitlines():
+        if line.startswith("Model name:"):
+            model = line.split(":", 1)[1].strip()
+    try:
+        load = Path("/proc/loadavg").read_text().split()[:3]
+    except OSError:
+        load = []
+    commit = run_text(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    changed = run_text(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--", "udptime", "twisted"]
+    )
+    return {
+        "cpu_model": model,
+        "cores": os.cpu_count(),
+        "kernel": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "python_executable": sys.executable,
+        "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        "loadavg_at_start": load,
+        "cpu_pressure_at_start": cpu_pressure(),
+        "pinned": PINNED,
+        "nice": NICE,
+        "server_cpu": SERVER_CPU if PINNED else None,
+        "load_cpu": LOAD_CPU if PINNED else None,
+        "git_commit": commit,
+        "udptime_tree_modified": bool(changed.strip()),
+        "twisted": package_version("twisted"),
+        "udptime": package_version("udptime"),
+        "chronyd": run_text(["chronyd", "-v"]).split("(+")[0].strip() or None,
+        "cc": run_text(["cc", "--version"]).splitlines()[0]
+        if shutil.which("cc")
+        else None,
+    }
+
+
+def package_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# --------------------------------------------------------------------------
+# Results: ratios, Markdown, chart.
+
+
+@dataclass
+class Row:
+    variant: Variant
+    status: str = "pending"  # ok | skipped | failed
+    reason: str = ""
+    command: str = ""
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    attempts: int = 0
+
+    def fail(self, reason: str) -> None:
+        """A round failed: the row fails only if no round succeeded."""
+        self.reason = f"{self.reason}; {reason}" if self.reason else reason
+        if not self.rounds:
+            self.status = "failed"
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        ok = [r for r in self.rounds if r.get("throughput")]
+        if not ok:
+            return None
+        return max(ok, key=lambda r: float(r["throughput"]["replies_per_s"]))
+
+    @property
+    def best_other_cpu(self) -> float:
+        """Other processes' CPU during the best round (0 if unknown)."""
+        best = self.best
+        return float((best or {}).get("other_cpu_pct") or 0.0)
+
+    @property
+    def rate(self) -> float | None:
+        best = self.best
+        return float(best["throughput"]["replies_per_s"]) if best else None
+
+    @property
+    def best_latency(self) -> dict[str, Any] | None:
+        lats = [
+            r["latency"]["rtt_us"]
+            for r in self.rounds
+            if r.get("latency") and r["latency"].get("rtt_us")
+        ]
+        return min(lats, key=lambda rtt: float(rtt["p50"])) if lats else None
+
+
+def ratios(rows: dict[str, Row]) -> dict[str, dict[str, float | None]]:
+    def base(name: str) -> float | None:
+        row = rows.get(name)
+        return row.rate if row and row.status == "ok" else None
+
+    def div(rate: float | None, b: float | None) -> float | None:
+        return round(rate / b, 3) if rate is not None and b else None
+
+    recipe, ceiling, chrony = base(RECIPE), base(CEILING), base(CHRONYD)
+    out: dict[str, dict[str, float | None]] = {}
+    for name, row in rows.items():
+        rate = row.rate if row.status == "ok" else None
+        out[name] = {
+            "vs_recipe_socketserver": div(rate, recipe),
+            "vs_c_ceiling": div(rate, ceiling),
+            "vs_chronyd": div(rate, chrony) if row.variant.payload == "ntp" else None,
+        }
+    return out
+
+
+TARGETS = (
+    ("udptime ctime", "vs_recipe_socketserver", 3.0),
+    ("udptime ctime", "vs_c_ceiling", 0.8),
+    ("udptime ntp", "vs_chronyd", 0.9),
+)
+
+
+def rounds_text(rows: dict[str, Row]) -> str:
+    counts = [len(row.rounds) for row in rows.values() if row.rounds]
+    if not counts:
+        return "no rounds"
+    low, high = min(counts), max(counts)
+    return f"{low} round(s) a row" if low == high else f"{low}–{high} rounds a row"
+
+
+def per_cpu_second(result: dict[str, Any]) -> float | None:
+    """Replies per second of server CPU: less sensitive to a shared machine."""
+    cpu = result.get("server_cpu_pct")
+    if not cpu:
+        return None
+    return float(result["throughput"]["replies_per_s"]) / (float(cpu) / 100.0)
+
+
+def fmt_num(value: float | None, spec: str = ",.0f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def cell(text: Any, limit: int = 160) -> str:
+    """*text* fit for one Markdown table cell: one line, no bare pipes."""
+    flat = " ".join(str(text).split()).replace("|", "\\|")
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def fmt_offset(value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "–"
+    micro = round(value * 1e6)
+    return f"{micro:+d} µs" if micro else "0 µs"
+
+
+def accuracy_cells(entry: dict[str, Any], phase: str) -> str:
+    e = entry.get(phase, {})
+    load = e.get("load", {})
+    sntp = e.get("sntp", {})
+    chq = e.get("chronyd_Q", {})
+    if "offset_s" in chq:
+        chronyd_q = fmt_offset(chq["offset_s"])
+    else:
+        chronyd_q = cell(chq.get("error", "–"), 100)
+    if sntp.get("samples"):
+        sntp_median = fmt_offset(sntp.get("median_s"))
+    elif "skipped" in sntp or "error" in sntp:
+        sntp_median = cell(sntp.get("skipped") or sntp.get("error"), 100)
+    else:
+        sntp_median = cell((sntp.get("errors") or ["no sample"])[0], 100)
+    rate = fmt_num(load.get("replies_per_s")) if load else "–"
+    return (
+        f"| {entry['server']} | {entry['address']} | {phase} | {rate} "
+        f"| {chronyd_q} | {sntp_median} | {fmt_offset(sntp.get('max_abs_s'))} "
+        f"| {sntp.get('samples', '–')} |"
+    )
+
+
+def markdown(report: dict[str, Any], rows: dict[str, Row]) -> str:
+    m = report["machine"]
+    p = report["profile"]
+    rat = report["ratios"]
+    pinning = (
+        f"server on CPU {m['server_cpu']}, load generator on CPU {m['load_cpu']}"
+        if m["pinned"]
+        else "none (taskset or a second CPU missing)"
+    )
+    sources = (
+        f"{report['sources']} source addresses from {SOURCE_BASE} in turn"
+        if report["sources"]
+        else "all from 127.0.0.1"
+    )
+    lines = [
+        "# udptime benchmark results",
+        "",
+        f"- Command: `{report['command']}`",
+        (
+            f"- Date (UTC): {m['date_utc']}; commit {m['git_commit'] or '?'}"
+            f"{' + uncommitted udptime changes' if m.get('udptime_tree_modified') else ''}; "
+            f"run took {report['runtime_s']:.0f} s"
+        ),
+        (
+            f"- Machine: {m['cpu_model']}, {m['cores']} cores, {m['kernel']}, "
+            f"Python {m['python']}, Twisted {m['twisted']}, "
+            f"udptime {m['udptime']}, {m['chronyd'] or 'no chronyd'}"
+        ),
+        f"- Pinning: {pinning}; priority: "
+        + (f"nice {m['nice']}" if m.get("nice") is not None else "default"),
+        (
+            f"- Load: {p['sockets']} sockets × {p['window']} in flight, {sources}, "
+            f"{p['warmup']:g} s warm-up then {p['duration']:g} s measured, "
+            f"{rounds_text(rows)}, best round shown; RTT from "
+            f"{p['latency_duration']:g} s with one request in flight"
+        ),
+        f"- Load average at start: {' '.join(m['loadavg_at_start'])}",
+        "",
+        (
+            "| server | replies/s | × recipe socketserver | × C ceiling | × chronyd "
+            "| server CPU | replies per server CPU-s | loadgen CPU | other CPU | lost "
+            "| RTT p50 µs | RTT p99 µs |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in rows.items():
+        if row.status != "ok":
+            continue
+        best = row.best
+        assert best is not None
+        lat = row.best_latency or {}
+        r = rat[name]
+        lines.append(
+            f"| {name} | {fmt_num(row.rate)} | {fmt_ratio(r['vs_recipe_socketserver'])} "
+            f"| {fmt_ratio(r['vs_c_ceiling'])} | {fmt_ratio(r['vs_chronyd'])} "
+            f"| {fmt_num(best['server_cpu_pct'], '.0f')}% "
+            f"| {fmt_num(per_cpu_second(best))} "
+            f"| {fmt_num(best['loadgen_cpu_pct'], '.0f')}% "
+            f"| {fmt_num(best.get('other_cpu_pct'), '.0f')}% "
+            f"| {best['throughput']['lost']} "
+            f"| {fmt_num(lat.get('p50'), '.0f')} | {fmt_num(lat.get('p99'), '.0f')} |"
+        )
+    lines += [
+        "",
+        (
+            "replies/s: best round. server CPU: the server process's user+system "
+            "time over the measured interval (100% = one core); replies per server "
+            "CPU-s divides by it. loadgen CPU: the "
+            "load generator's. other CPU: busy time on the two CPUs that neither "
+            "used, i.e. other processes on the machine: a row with a high value "
+            "was disturbed. lost: requests unanswered after 100 ms. RTT: one "
+            "request in flight."
+        ),
+        "",
+        "Rows:",
+        "",
+    ]
+    for name, row in rows.items():
+        lines.append(f"- {name}: {row.variant.note or row.variant.kind}")
+    others = [row for row in rows.values() if row.status != "ok" or row.reason]
+    if others:
+        lines += ["", "Not measured, or not in every round:", ""]
+        for row in others:
+            lines.append(
+                f"- **{row.variant.name}** — {row.status}: {cell(row.reason, 400)}"
+            )
+    if any(len(row.rounds) > 1 for row in rows.values()):
+        lines += ["", "Replies/s in every round (other processes' CPU then):", ""]
+        for name, row in rows.items():
+            if row.rounds:
+                per = ", ".join(
+                    f"{fmt_num(r['throughput']['replies_per_s'])} "
+                    f"({fmt_num(r.get('other_cpu_pct'), '.0f')}%)"
+                    for r in row.rounds
+                )
+                lines.append(f"- {name}: {per}")
+    lines += ["", "## Targets (reported, not asserted)", ""]
+    lines += ["| row | ratio | target | measured |", "|---|---|---:|---:|"]
+    for name, key, target in TARGETS:
+        value = rat.get(name, {}).get(key)
+        lines.append(
+            f"| {name} | {key.replace('_', ' ')} | ≥ {target:g}× | {fmt_ratio(value)} |"
+        )
+    acc = report.get("accuracy", [])
+    if acc:
+        lines += [
+            "",
+            "## NTP offset seen by independent clients",
+            "",
+            (
+                "Offsets are server minus local clock, as the client prints them; "
+                "client and server share one clock, so the ideal is 0. sntp: median "
+                "(max |offset|) of its samples; chronyd -Q: one combined estimate. "
+                "Loaded: the load generator at half the server's measured maximum."
+            ),
+            "",
+            (
+                "| server | address | phase | load replies/s | chronyd -Q "
+                "| sntp median | sntp max abs | sntp n |"
+            ),
+            "|---|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for entry in acc:
+            if "error" in entry:
+                lines.append(
+                    f"| {entry['server']} | – | – | – | {cell(entry['error'])} | | | |"
+                )
+                continue
+            for phase in ("idle", "loaded"):
+                lines.append(accuracy_cells(entry, phase))
+    lines += ["", "## Commands", ""]
+    for name, row in rows.items():
+        if row.command:
+            lines.append(f"- {name}: `{row.command}`")
+    best_any = next((row.best for row in rows.values() if row.best), None)
+    if best_any:
+        lines += [
+            f"- load, e.g. (throughput): `{best_any['commands']['throughput']}`",
+            f"- load, e.g. (latency): `{best_any['commands']['latency']}`",
+        ]
+    chart = report.get("chart")
+    lines += ["", f"Chart: {chart}" if chart else "Chart: skipped", ""]
+    return "\n".join(lines)
+
+
+def chart(
+    path: Path, rows: dict[str, Row], rat: dict[str, dict[str, float | None]]
+) -> str:
+    """A bar chart of replies/s; returns a note saying what happened."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return "skipped: matplotlib is not installed"
+    measured = [(n, r) for n, r in rows.items() if r.status == "ok" and r.rate]
+    if not measured:
+        return "skipped: nothing measured"
+    colours = {
+        "udptime": "#1f77b4",
+        "recipe_socketserver": "#d62728",
+        "recipe_socket": "#ff7f0e",
+        "asyncio": "#9467bd",
+        "chronyd": "#2ca02c",
+        "ceiling": "#7f7f7f",
+    }
+    names = [n for n, _ in measured][::-1]
+    values = [float(r.rate or 0) for _, r in measured][::-1]
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(names) + 1.6))
+    bars = ax.barh(
+        names,
+        values,
+        color=[colours.get(rows[n].variant.kind, "#333333") for n in names],
+    )
+    top = max(values)
+    for bar, name, value in zip(bars, names, values, strict=True):
+        ratio = rat[name]["vs_recipe_socketserver"]
+        label = f"{value:,.0f}" + (f"  ({ratio:.1f}× recipe)" if ratio else "")
+        ax.text(
+            value + top * 0.01,
+            bar.get_y() + bar.get_height() / 2,
+            label,
+            va="center",
+            fontsize=8,
+        )
+    ax.set_xlim(0, top * 1.35)
+    ax.xaxis.set_major_formatter(
+        matplotlib.ticker.FuncFormatter(lambda x, _pos: f"{x:,.0f}")
+    )
+    ax.set_xlabel("replies per second (closed loop, loopback, best round)")
+    ax.set_title("UDP time servers on one pinned CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path.name)
+
+
+# --------------------------------------------------------------------------
+# Main.
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="CI smoke run, under a minute"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="directory for results.json/.md/.png (default: bench/results; "
+        "with --quick bench/build/results-quick, so a smoke run never "
+        "overwrites the committed full results)",
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated row names to run (default: the profile's rows)",
+    )
+    parser.add_argument("--duration", type=float, help="seconds measured per round")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="rounds over all servers before the extra rounds the time budget "
+        "allows (full: 3, quick: 1)",
+    )
+    parser.add_argument(
+        "--sources",
+        type=int,
+        default=DEFAULT_SOURCES,
+        help="distinct 127.1.x.y source addresses the load comes from, so a "
+        f"per-source rate limiter is not what is measured (default "
+        f"{DEFAULT_SOURCES}; 0: all from 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--no-accuracy", action="store_true", help="skip the NTP offset phase"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    profile = QUICK if args.quick else FULL
+    if args.duration or args.rounds:
+        profile = Profile(
+            **{
+                **profile.__dict__,
+                "duration": args.duration or profile.duration,
+                "rounds": args.rounds or profile.rounds,
+                "max_rounds": max(profile.max_rounds, args.rounds or 0),
+            }
+        )
+    sources = args.sources
+    clock = Clock(profile.budget_s)
+    command = shlex.join(
+        [sys.executable, *(sys.argv if argv is None else ["bench/run.py", *argv])]
+    )
+
+    if args.only:
+        wanted = {n.strip() for n in args.only.split(",") if n.strip()}
+        unknown = wanted - {v.name for v in VARIANTS}
+        if unknown:
+            raise SystemExit(f"bench: unknown rows {sorted(unknown)}")
+        variants = [v for v in VARIANTS if v.name in wanted]
+    else:
+        variants = [v for v in VARIANTS if v.quick or not args.quick]
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+    out_dir = args.out or (BUILD / "results-quick" if args.quick else BENCH / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    print(
+        f"bench: {profile.name} run, {len(variants)} rows, budget {profile.budget_s:.0f} s"
+    )
+    build_cmds = build_c()
+    twistd = twistd_path()
+    skip = udptime_skip_reasons(twistd, variants)
+
+    rows: dict[str, Row] = {v.name: Row(v) for v in variants}
+    for name, reason in skip.items():
+        rows[name].status, rows[name].reason = "skipped", reason
+    for row in rows.values():
+        missing = missing_tool(row.variant)
+        if row.status == "pending" and missing:
+            row.status, row.reason = "skipped", missing
+
+    interrupted = False
+    accuracy: list[dict[str, Any]] = []
+    reserve = 0.0 if args.no_accuracy else ACCURACY_RESERVE_S
+    cost = profile.warmup + profile.duration + profile.latency_duration + 3.5
+
+    def one_round(row: Row, round_no: int) -> None:
+        row.attempts += 1
+        print(f"bench: round {round_no}: {row.variant.name} ...", flush=True)
+        try:
+            with running_server(row.variant, twistd) as server:
+                row.command = shlex.join(server.cmd)
+                result = measure(server, profile, sources)
+                result["ready_s"] = round(server.ready_s, 3)
+                if server.proc.poll() is not None:
+                    raise StartError(
+                        f"server exited during the run: {tail(server.log)}"
+                    )
+        except (StartError, RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
+            row.fail(f"round {round_no}: {exc}")
+            print(f"bench:   failed: {exc}", flush=True)
+            return
+        result["round"] = round_no
+        if result["throughput"]["replies"] == 0:
+            row.fail(f"round {round_no}: no replies under load")
+            return
+        row.rounds.append(result)
+        row.status = "ok"
+        tp = result["throughput"]
+        print(
+            f"bench:   {tp['replies_per_s']:,.0f} replies/s, lost {tp['lost']}, "
+            f"server CPU {result['server_cpu_pct']}%, "
+            f"other CPU {result['other_cpu_pct']}%",
+            flush=True,
+        )
+
+    try:
+        for round_no in range(1, profile.rounds + 1):
+            for row in rows.values():
+                if row.status in ("skipped", "failed"):
+                    continue
+                if not clock.fits(cost + reserve):
+                    if not row.rounds:
+                        row.status, row.reason = "skipped", "time budget exhausted"
+                    continue
+                one_round(row, round_no)
+
+        # While the budget lasts, more rounds (up to max_rounds a row): rows
+        # that never had a quiet round first, then round-robin, so a slow spell
+        # of the machine does not decide a row's number.
+        while True:
+            candidates = [
+                row
+                for row in rows.values()
+                if row.status == "ok" and row.attempts < profile.max_rounds
+            ]
+            if not candidates or not clock.fits(cost + reserve):
+                break
+            disturbed = [r for r in candidates if r.best_other_cpu > DISTURBED_PCT]
+            row = min(
+                disturbed or candidates, key=lambda r: (r.attempts, -r.best_other_cpu)
+            )
+            one_round(row, row.attempts + 1)
+
+        if not args.no_accuracy:
+            for row in rows.values():
+                if row.status != "ok" or not row.variant.accuracy:
+                    continue
+                if not clock.fits(12.0):
+                    accuracy.append(
+                        {"server": row.variant.name, "error": "time budget exhausted"}
+                    )
+                    continue
+                print(f"bench: NTP offsets: {row.variant.name} ...", flush=True)
+                t_acc = time.monotonic()
+                try:
+                    accuracy.append(
+                        accuracy_for(row.variant, twistd, profile, row.rate, sources)
+                    )
+                    accuracy[-1]["seconds"] = round(time.monotonic() - t_acc, 1)
+                except (StartError, RuntimeError, subprocess.TimeoutExpired) as exc:
+                    accuracy.append({"server": row.variant.name, "error": str(exc)})
+    except (Interrupted, KeyboardInterrupt):
+        interrupted = True
+        print("bench: interrupted; writing what was measured", file=sys.stderr)
+        for row in rows.values():
+            if row.status == "pending":
+                row.status, row.reason = "skipped", "run interrupted"
+    finally:
+        PROCS.stop_all()
+
+    rat = ratios(rows)
+    report: dict[str, Any] = {
+        "command": command,
+        "profile": profile.__dict__,
+        "sources": sources,
+        "machine": info,
+        "build": build_cmds,
+        "runtime_s": round(clock.elapsed(), 1),
+        "rows": [
+            {
+                "name": name,
+                "kind": row.variant.kind,
+                "payload": row.variant.payload,
+                "note": row.variant.note,
+                "status": row.status,
+                "reason": row.reason,
+                "command": row.command,
+                "replies_per_s": row.rate,
+                "replies_per_server_cpu_s": per_cpu_second(row.best)
+                if row.best
+                else None,
+                "rtt_us_one_in_flight": row.best_latency,
+                "attempts": row.attempts,
+                "ratios": rat[name],
+                "rounds": row.rounds,
+            }
+            for name, row in rows.items()
+        ],
+        "ratios": rat,
+        "targets": [
+            {"row": n, "ratio": k, "target": t, "measured": rat.get(n, {}).get(k)}
+            for n, k, t in TARGETS
+        ],
+        "accuracy": accuracy,
+    }
+    png = out_dir / "results.png"
+    note = chart(png, rows, rat)
+    report["chart"] = note if note.startswith("skipped") else png.name
+    report["runtime_s"] = round(clock.elapsed(), 1)
+    (out_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "results.md").write_text(markdown(report, rows))
+    print(markdown(report, rows))
+    print(
+        f"bench: wrote {out_dir}/results.json, results.md, "
+        + ("results.png" if not note.startswith("skipped") else f"no PNG ({note})")
+    )
+    if interrupted:
+        return 130
+    failed_udptime = [
+        r.variant.name
+        for r in rows.values()
+        if r.status == "failed" and r.variant.kind == "udptime"
+    ]
+    if failed_udptime:
+        print(
+            f"bench: udptime rows failed: {', '.join(failed_udptime)}", file=sys.stderr
+        )
+        return 1
+    if not any(r.status == "ok" for r in rows.values()):
+        print("bench: nothing was measured", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
