@@ -138,6 +138,9 @@ class Format:
     echoes_anything: bool
     summary: str
     kiss: Callable[[bytes, bytes], bytes | None] | None = None
+    #: replies end in a transmit timestamp to rewrite right before the send,
+    #: and the receive time should be the kernel's (NTP)
+    stamps_time: bool = False
 
 
 _REGISTRY: dict[str, Format] = {}

@@ -16,8 +16,10 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorFDSet
 from twisted.logger import Logger
 
+from udptime import fastpath
 from udptime.listenspec import SYSTEMD, ListenSpec
 from udptime.metrics import ListenerStats
 from udptime.protocol import TimeProtocol
@@ -110,12 +112,15 @@ class TimeListener(service.Service):
         reuse_port: bool = False,
         receive_buffer: int = DEFAULT_RECEIVE_BUFFER,
         sock: socket.socket | None = None,
+        batch: bool = True,
     ) -> None:
         self.protocol = protocol
         self.spec = spec
         self._reactor = reactor
         self._reuse_port = reuse_port
         self._receive_buffer = receive_buffer
+        self._batch = batch
+        self._reader: fastpath.FastReader | None = None
         #: labels and counters for metrics and summaries; the address is the
         #: bound one once listening
         self.stats = ListenerStats(
@@ -150,6 +155,8 @@ class TimeListener(service.Service):
             )
         finally:
             sock.close()  # the port holds its own duplicate
+        if self._batch:
+            self._start_batch_reader()
         address = self._port.getHost()
         self.stats.address, self.stats.port = address.host, address.port
         self.log.info(
@@ -158,6 +165,28 @@ class TimeListener(service.Service):
             host=address.host,
             port=address.port,
         )
+
+    def _start_batch_reader(self) -> None:
+        """Serve the port with ``recvmmsg``/``sendmmsg`` where Linux allows."""
+        reactor: Any = self._reactor
+        if not fastpath.available() or not IReactorFDSet.providedBy(self._reactor):
+            return
+        port = self._port
+        batch = fastpath.BatchSocket(
+            port.socket, timestamps=self.protocol.stamps_time, clock=reactor.seconds
+        )
+        port.stopReading()
+        self._reader = fastpath.FastReader(
+            batch,
+            self.protocol.answer_batch,
+            self._reactor,
+            on_error=self._batch_failed,
+        )
+        self._reader.startReading()
+
+    def _batch_failed(self, exc: BaseException) -> None:
+        self.protocol.counters.errors += 1
+        self.protocol.throttled_error("a batch failed: {error!r}", exc, b"", 0)
 
     def privilegedStartService(self) -> None:
         self._listen()
@@ -171,6 +200,9 @@ class TimeListener(service.Service):
     def stopService(self) -> Deferred[None] | None:
         super().stopService()  # type: ignore[no-untyped-call]
         port, self._port = self._port, None
+        if self._reader is not None:
+            self._reader.stopReading()
+            self._reader = None
         if port is None:
             return None
         return maybeDeferred(port.stopListening)

@@ -481,5 +481,6 @@ register(
         echoes_anything=False,
         summary="NTPv4/SNTP server mode (RFC 5905, RFC 4330) from the kernel clock",
         kiss=kiss_reply,
+        stamps_time=True,
     )
 )

@@ -122,6 +122,14 @@ class Options(usage.Options):
 
     optFlags: ClassVar[list[list[Any]]] = [
         [
+            "no-batch",
+            None,
+            (
+                "Serve with Twisted's one-datagram-at-a-time UDP port even where the "
+                "Linux recvmmsg/sendmmsg fast path is available."
+            ),
+        ],
+        [
             "deny-kiss",
             None,
             "NTP: answer denied sources with a DENY Kiss-o'-Death instead of silence.",
@@ -404,6 +412,7 @@ def build_service(
             reuse_port=workers > 1 or sockets is not None,
             receive_buffer=options["receive-buffer"],
             sock=None if sockets is None else sockets[n],
+            batch=not options["no-batch"],
         )
         listener.stats.worker = worker
         listener.setName(spec.describe())  # type: ignore[no-untyped-call]
