@@ -131,6 +131,7 @@ class Variant:
     quick: bool = False  # also run under --quick
     accuracy: bool = False  # NTP offset measured with independent clients
     note: str = ""
+    cpus: str = ""  # taskset CPU list for the server; default SERVER_CPU
 
 
 #: NTP rows serve the unsynchronised clock of this machine the way chronyd's
@@ -155,6 +156,30 @@ VARIANTS: tuple[Variant, ...] = (
         ("--rate-limit", "off"),
         note="per-source rate limiter switched off",
     ),
+    Variant(
+        "udptime ctime, access lists",
+        "udptime",
+        "empty",
+        "ctime",
+        ("--allow", "127.0.0.0/8", "--allow", "::1/128", "--deny", "10.0.0.0/8"),
+        note="defaults plus --allow/--deny lists that admit the load",
+    ),
+    Variant(
+        "udptime ctime, metrics on",
+        "udptime",
+        "empty",
+        "ctime",
+        ("--metrics", "0"),
+        note="defaults plus Prometheus metrics (latency histogram kept per datagram)",
+    ),
+    Variant(
+        "udptime ctime, portable path",
+        "udptime",
+        "empty",
+        "ctime",
+        ("--no-batch",),
+        note="Twisted's udp.Port, one recvfrom/sendto per datagram (the path off Linux)",
+    ),
     Variant("udptime time", "udptime", "empty", "time", note="RFC 868, defaults"),
     Variant(
         "udptime ntp",
@@ -173,6 +198,16 @@ VARIANTS: tuple[Variant, ...] = (
         "ntp",
         (*LOCAL, "--rate-limit", "off"),
         note="--local-stratum 10, per-source rate limiter switched off",
+    ),
+    Variant(
+        "udptime ntp, 2 workers",
+        "udptime",
+        "ntp",
+        "ntp",
+        (*LOCAL, "--workers", "2"),
+        cpus="0,1",
+        note="--workers 2 on both CPUs, sharing them with the load generator; "
+        "server CPU counts the first process only",
     ),
     Variant(
         RECIPE,
@@ -294,7 +329,7 @@ PINNED = pinning_available()
 NICE: int | None = -10 if os.geteuid() == 0 and shutil.which("nice") else None
 
 
-def pin(cpu: int, cmd: Sequence[str]) -> list[str]:
+def pin(cpu: int | str, cmd: Sequence[str]) -> list[str]:
     """*cmd* pinned to *cpu* (when possible) at the benchmark's priority."""
     out = ["taskset", "-c", str(cpu), *cmd] if PINNED else list(cmd)
     return ["nice", "-n", str(NICE), *out] if NICE is not None else out
@@ -564,7 +599,9 @@ def running_server(
 ) -> Iterator[Server]:
     workdir = Path(tempfile.mkdtemp(prefix="udptime-bench-"))
     port = port if port is not None else free_udp_port()
-    cmd = pin(SERVER_CPU, server_command(variant, host, port, workdir, twistd))
+    cmd = pin(
+        variant.cpus or SERVER_CPU, server_command(variant, host, port, workdir, twistd)
+    )
     log = workdir / "server.log"
     quiet_stdout = variant.kind in ("recipe_socketserver", "recipe_socket")
     with open(log, "wb") as log_file:
@@ -1243,7 +1280,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated row names to run (default: the profile's rows)",
+        help="semicolon-separated row names to run (default: the profile's rows)",
     )
     parser.add_argument("--duration", type=float, help="seconds measured per round")
     parser.add_argument(
@@ -1285,7 +1322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     if args.only:
-        wanted = {n.strip() for n in args.only.split(",") if n.strip()}
+        wanted = {n.strip() for n in args.only.split(";") if n.strip()}
         unknown = wanted - {v.name for v in VARIANTS}
         if unknown:
             raise SystemExit(f"bench: unknown rows {sorted(unknown)}")

@@ -493,3 +493,21 @@ class MakeResponderTests(unittest.TestCase):
         ):
             self.assertRaises(ValueError, self.reply, **extra)
         self.assertRaises(TypeError, self.reply, clock_state=42)
+
+
+class BatchResponderTests(unittest.TestCase):
+    """The fast path's per-batch responder: same reply, transmit left to the sender."""
+
+    @given(st.binary(min_size=0, max_size=120), st.floats(0, 4e9))
+    def test_matches_plain_responder_but_transmit(
+        self, request: bytes, moment: float
+    ) -> None:
+        responder = make_responder(Settings(extra={"local_stratum": 10}))
+        plain = responder(request, moment)
+        batched = responder.batch()(request, moment)
+        if plain is None:
+            self.assertIsNone(batched)
+        else:
+            assert batched is not None
+            self.assertEqual(batched[:40], plain[:40])
+            self.assertEqual(batched[40:], bytes(8))

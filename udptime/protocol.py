@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
+from itertools import repeat
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -11,7 +13,7 @@ from twisted.logger import Logger, LogLevel
 
 from udptime.counters import Counters
 from udptime.fastpath import BatchSocket
-from udptime.formats import Format
+from udptime.formats import Format, Responder
 from udptime.logthrottle import LogThrottle
 from udptime.metrics import LatencyHistogram
 from udptime.ntp import KISS_DENY, KISS_RATE, PACKET_SIZE, to_ntp
@@ -48,7 +50,7 @@ class TimeProtocol(DatagramProtocol):
     def __init__(
         self,
         fmt: Format,
-        responder: Any,
+        responder: Responder,
         clock: IReactorTime,
         *,
         policy: Policy | None = None,
@@ -61,6 +63,12 @@ class TimeProtocol(DatagramProtocol):
         self._echoes = fmt.echoes_anything
         #: kernel receive timestamps and a late transmit stamp (NTP)
         self.stamps_time = fmt.stamps_time
+        #: per-batch responder factory of the fast path, where the format has one
+        self._respond_batch: Callable[[], Responder] | None = getattr(
+            responder, "batch", None
+        )
+        #: replies may be longer than a bare NTP packet (NTS extension fields)
+        self._long_replies = bool(getattr(responder, "long_replies", False))
         self._clock = clock
         self.policy = policy
         self.verbose = verbose
@@ -103,8 +111,17 @@ class TimeProtocol(DatagramProtocol):
         Counts every verdict except the send itself, which the caller counts
         (``answered`` or ``send_errors``) once it knows how the send went.
         """
-        counters = self.counters
-        counters.received += 1
+        self.counters.received += 1
+        return self._decide(self._respond, datagram, packed, port, received)
+
+    def _decide(
+        self,
+        respond: Responder,
+        datagram: bytes,
+        packed: bytes,
+        port: int,
+        received: float,
+    ) -> bytes | None:
         policy = self.policy
         if policy is not None:
             verdict = policy.admit(
@@ -113,15 +130,15 @@ class TimeProtocol(DatagramProtocol):
             if verdict is not ANSWER:
                 return self._refuse(verdict, datagram, packed, port)
         try:
-            reply: bytes | None = self._respond(datagram, received)
+            reply = respond(datagram, received)
         except Exception as exc:  # noqa: BLE001 - one bad datagram must not stop the listener
-            counters.errors += 1
+            self.counters.errors += 1
             self.throttled_error(
                 "building a reply failed: {error!r}", exc, packed, port
             )
             return None
         if reply is None:
-            counters.ignored += 1
+            self.counters.ignored += 1
         if self.verbose:
             self._log_request(
                 datagram, packed, port, "answered" if reply else "ignored"
@@ -132,13 +149,20 @@ class TimeProtocol(DatagramProtocol):
         """The Linux fast path: answer *n* datagrams received into *batch*.
 
         Same decisions as :meth:`answer`, fed with packed addresses and
-        kernel receive times; all replies leave in one ``sendmmsg``. For
-        formats that stamp time, every 48-byte reply's transmit timestamp is
-        rewritten from one clock read made right before that call.
+        kernel receive times; all replies leave in one ``sendmmsg``. Formats
+        that stamp time build their replies without a transmit timestamp (a
+        responder's ``batch()``) and every 48-byte reply gets one clock read
+        made right before that call.
         """
+        counters = self.counters
+        counters.received += n
+        kisses = counters.kisses
+        respond = self._respond_batch() if self._respond_batch else self._respond
         addrs, ports = batch.sources(n)
         received = batch.received(n)
-        replies = list(map(self.answer, batch.data(n), addrs, ports, received))
+        replies = list(
+            map(self._decide, repeat(respond, n), batch.data(n), addrs, ports, received)
+        )
         count = n - replies.count(None)
         if not count:
             return
@@ -146,11 +170,15 @@ class TimeProtocol(DatagramProtocol):
         unstamped: list[int] = []
         if self.stamps_time:
             stamp = self._transmit_stamp
-            unstamped = [
-                i for i, r in enumerate(replies) if r and len(r) != PACKET_SIZE
-            ]
+            if kisses != counters.kisses or self._long_replies:
+                # Kisses keep the times they were built with; longer replies
+                # (NTS) end in extension fields, not a transmit timestamp.
+                unstamped = [
+                    i
+                    for i, r in enumerate(replies)
+                    if r and (len(r) != PACKET_SIZE or r[1] == 0)
+                ]
         dropped = batch.send(replies, stamp, unstamped)
-        counters = self.counters
         counters.answered += count - dropped
         if dropped:
             counters.send_errors += dropped
