@@ -134,7 +134,9 @@ class JsonLogTests(unittest.TestCase):
             time.sleep(0.05)
         server.terminate()
         events = read_events()
-        started = [e for e in events if e.get("log_format", "").startswith("serving")]
+        started = [e for e in events if e["message"].startswith("serving")]
+        self.assertEqual(started[0]["level"], "info")
+        self.assertEqual(started[0]["namespace"], "udptime.listener.TimeListener")
         self.assertEqual(started[0]["udp_format"], "time")
         self.assertEqual(started[0]["port"], port)
         answered = [e for e in events if e.get("outcome") == "answered"]
@@ -174,7 +176,12 @@ class PieceTests(unittest.TestCase):
         self.patch(sys, "stdout", out)
         observer = json_stdout()
         observer({"log_format": "x {n}", "n": 3, "log_time": 1.0})
-        observer({"log_format": "y", "log_time": 2.0})
-        lines = out.getvalue().splitlines()
-        self.assertEqual([json.loads(line)["log_time"] for line in lines], [1.0, 2.0])
-        self.assertEqual(json.loads(lines[0])["n"], 3)
+        observer({"log_format": "y", "log_time": 2.0, "thing": object()})
+        records = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual(
+            [r["time"] for r in records],
+            ["1970-01-01T00:00:01.000000+00:00", "1970-01-01T00:00:02.000000+00:00"],
+        )
+        self.assertEqual(records[0]["message"], "x 3")
+        self.assertEqual(records[0]["n"], 3)
+        self.assertTrue(records[1]["thing"].startswith("<object"))
