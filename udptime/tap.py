@@ -28,6 +28,7 @@ from udptime.metrics import (
     parse_metrics_address,
 )
 from udptime.ntp import refid_from_text
+from udptime.nts.options import NTS_OPT_PARAMETERS, check_nts_options, nts_services
 from udptime.policy import (
     DEFAULT_LOOP_PORTS,
     DEFAULT_TABLE_SIZE,
@@ -262,6 +263,7 @@ class Options(usage.Options):
                 "or up to 4 ASCII characters."
             ),
         ],
+        *NTS_OPT_PARAMETERS,
     ]
 
     def __init__(self) -> None:
@@ -313,6 +315,7 @@ class Options(usage.Options):
             refid_from_text(self["refid"])
         except ValueError as exc:
             raise usage.UsageError(f"--refid: {exc}") from None
+        check_nts_options(self)
         seen: set[tuple[str, int]] = set()
         for spec in self["listen"]:
             address = (spec.host, spec.port)
@@ -396,11 +399,20 @@ def build_service(
     )
     policy = make_policy(options)
     workers = options["workers"] if sockets is None else 1
+    ntp_ports = [spec.port for spec in options.listeners if spec.format == "ntp"]
+    nts, nts_factory = nts_services(
+        options, reactor, ntp_ports[0] if ntp_ports else 123, serve_ke=sockets is None
+    )
+    for service_ in nts:
+        service_.setServiceParent(top)
     for n, spec in enumerate(options.listeners):
         fmt = get_format(spec.format)
+        make_responder = fmt.make_responder
+        if fmt.name == "ntp" and nts_factory is not None:
+            make_responder = nts_factory
         protocol = TimeProtocol(
             fmt,
-            fmt.make_responder(settings),
+            make_responder(settings),
             reactor,
             policy=policy,
             verbose=bool(options["verbose"]),

@@ -1,0 +1,99 @@
+"""Microseconds per reply on the NTS paths of the ``ntp`` responder, and per
+NTS-KE response (records and cookies, no TLS).
+
+Run: ``python bench/nts_bench.py [ROUNDS]``. Cases are timed round-robin and
+each reports its best round, keeping other load on the machine out of the
+comparison. "post-stamp" is the time from the transmit stamp's clock read to
+the finished reply (the reply's own encryption), which a client sees as a
+one-way delay the server did not account for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+
+from udptime.ntp import NtpResponder, ServerState
+from udptime.nts import extensions as ext
+from udptime.nts import records as rec
+from udptime.nts.cookies import CookieKeys, KeyStore
+from udptime.nts.ke import KeSettings, respond
+from udptime.nts.responder import NtsResponder
+
+PER_ROUND = 2_000
+STATE = ServerState(0, 2, -20, 0.0, 0.001, b"LOCL", None)
+
+
+def main(rounds: int) -> None:
+    store = KeyStore(None, time.time)
+    store.load()
+    stamps: list[float] = []
+
+    def wall() -> float:
+        stamps.append(time.perf_counter())
+        return time.time()
+
+    responder = NtsResponder(NtpResponder(lambda: STATE, wall), store)
+    keys = CookieKeys(15, os.urandom(32), os.urandom(32))
+    c2s = AESSIV(keys.c2s)
+    cookie = store.seal(keys)
+
+    def request(placeholders: int) -> bytes:
+        header = bytes([0x23, 0, 6]) + bytes(37) + os.urandom(8)
+        return ext.build_request(
+            header,
+            os.urandom(32),
+            cookie,
+            c2s,
+            os.urandom(16),
+            placeholders=placeholders,
+        )
+
+    forged = bytearray(request(0))
+    forged[-1] ^= 1
+    plain = bytes([0x23, 0, 6]) + bytes(45)
+    now = time.time()
+
+    def exporter(label: bytes, length: int, context: bytes) -> bytes:
+        return hashlib.sha512(label + context).digest()[:length]
+
+    ke_request = [
+        rec.next_protocol([0]),
+        rec.aead_algorithm([15]),
+        rec.end_of_message(),
+    ]
+    one, eight, bad = request(0), request(7), bytes(forged)
+    cases: dict[str, Callable[[], object]] = {
+        "plain NTP (48 bytes)": lambda: responder(plain, now),
+        "NTS, 1 cookie (232 bytes)": lambda: responder(one, now),
+        "NTS, 8 cookies (988 bytes)": lambda: responder(eight, now),
+        "NTS NAK (bad authenticator)": lambda: responder(bad, now),
+        "NTS-KE response (8 cookies)": lambda: respond(
+            ke_request, exporter, store, KeSettings(20123)
+        ),
+    }
+    best = dict.fromkeys(cases, float("inf"))
+    post: list[float] = []
+    for _ in range(rounds):
+        for name, call in cases.items():
+            start = time.perf_counter()
+            for _ in range(PER_ROUND):
+                call()
+            best[name] = min(best[name], (time.perf_counter() - start) / PER_ROUND)
+        for _ in range(PER_ROUND // 10):
+            stamps.clear()
+            responder(one, now)
+            post.append(time.perf_counter() - stamps[-1])
+    for name, seconds in best.items():
+        print(f"{name:32} {seconds * 1e6:8.2f} us")
+    post.sort()
+    print(f"{'NTS post-stamp (median)':32} {post[len(post) // 2] * 1e6:8.2f} us")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 5)

@@ -1,0 +1,421 @@
+"""NTS extension fields and the NTS responder, in memory."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial import unittest
+
+from udptime.formats import Settings
+from udptime.ntp import NtpResponder, ServerState, to_ntp
+from udptime.nts import extensions as ext
+from udptime.nts.cookies import CookieKeys, KeyStore, MasterKey
+from udptime.nts.responder import NtsResponder, nts_responder_factory
+
+NOW = 1_700_000_000.0
+STATE = ServerState(0, 10, -20, 0.0, 0.001, b"LOCL", NOW - 100)
+KEYS = CookieKeys(15, os.urandom(32), os.urandom(32))
+
+
+def header(version: int = 4, transmit: bytes = b"") -> bytes:
+    return bytes([version << 3 | 3, 0, 6]) + bytes(37) + (transmit or os.urandom(8))
+
+
+class Client:
+    """Just enough of an NTS client to drive the responder."""
+
+    def __init__(self, store: KeyStore, keys: CookieKeys = KEYS) -> None:
+        self.keys = keys
+        self.c2s = AESSIV(keys.c2s)
+        self.s2c = AESSIV(keys.s2c)
+        self.cookie = store.seal(keys)
+        self.unique_id = os.urandom(32)
+
+    def request(
+        self, placeholders: int = 0, encrypted: int = 0, version: int = 4
+    ) -> bytes:
+        return ext.build_request(
+            header(version),
+            self.unique_id,
+            self.cookie,
+            self.c2s,
+            os.urandom(16),
+            placeholders=placeholders,
+            encrypted_placeholders=encrypted,
+        )
+
+
+class FieldTests(unittest.TestCase):
+    def test_encode_field_padding(self) -> None:
+        self.assertEqual(ext.encode_field(0x0104, b""), b"\x01\x04\x00\x10" + bytes(12))
+        self.assertEqual(len(ext.encode_field(1, b"x" * 13)), 20)
+        self.assertEqual(len(ext.encode_field(1, b"x" * 32)), 36)
+        self.assertEqual(len(ext.encode_field(1, b"x", ext.MIN_LAST_EF_LENGTH)), 28)
+        with self.assertRaises(ValueError):
+            ext.encode_field(1, bytes(0xFFFF))
+
+    def test_parse_fields(self) -> None:
+        packet = (
+            header()
+            + ext.encode_field(0x0104, b"a" * 32)
+            + ext.encode_field(9, b"z", ext.MIN_LAST_EF_LENGTH)
+        )
+        fields, end = ext.parse_fields(packet)
+        self.assertEqual(end, len(packet))
+        self.assertEqual(
+            [(f.type, f.offset, f.length) for f in fields],
+            [(0x0104, 48, 36), (9, 84, 28)],
+        )
+        self.assertEqual(fields[0].body, b"a" * 32)
+        # A legacy MAC (<= 24 bytes) after the fields is left alone.
+        fields, end = ext.parse_fields(packet + bytes(20))
+        self.assertEqual((len(fields), end), (2, len(packet)))
+
+    def test_parse_fields_errors(self) -> None:
+        for bad in (
+            b"\x01\x04\x00\x0c" + bytes(32),  # shorter than 16
+            b"\x01\x04\x00\x11" + bytes(32),  # not a multiple of 4
+            b"\x01\x04\x00\x40" + bytes(32),  # past the end
+        ):
+            with self.assertRaises(ext.ExtensionError):
+                ext.parse_fields(header() + bad)
+        with self.assertRaises(ext.ExtensionError):
+            ext.parse_fields(b"\x00\x01\x00\x08abcd\x00", 0, min_length=4)
+
+    @given(st.binary(max_size=300))
+    def test_parse_fields_any_bytes(self, tail: bytes) -> None:
+        packet = header() + tail
+        try:
+            fields, end = ext.parse_fields(packet)
+        except ext.ExtensionError:
+            return
+        self.assertLessEqual(end, len(packet))
+        self.assertEqual(sum(f.length for f in fields), end - 48)
+
+    @given(st.binary(max_size=300))
+    def test_parse_nts_request_any_bytes(self, tail: bytes) -> None:
+        try:
+            ext.parse_nts_request(header() + tail)
+        except ext.ExtensionError:
+            pass
+
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(sorted(ext.NTS_TYPES) + [7]), st.binary(max_size=120)
+            ),
+            max_size=6,
+        )
+    )
+    def test_parse_nts_request_any_fields(
+        self, fields: list[tuple[int, bytes]]
+    ) -> None:
+        packet = header() + b"".join(ext.encode_field(t, b) for t, b in fields)
+        try:
+            parsed = ext.parse_nts_request(packet)
+        except ext.ExtensionError:
+            return
+        if parsed is not None:
+            self.assertGreaterEqual(len(parsed.unique_id), 32)
+
+    @given(st.binary(max_size=200), st.integers(0, 200))
+    def test_encrypted_placeholders_any_bytes(self, data: bytes, length: int) -> None:
+        try:
+            self.assertGreaterEqual(ext.encrypted_placeholders(data, length), 0)
+        except ext.ExtensionError:
+            pass
+
+    def test_authenticator_round_trip(self) -> None:
+        siv = AESSIV(os.urandom(32))
+        associated = header() + ext.encode_field(0x0104, os.urandom(32))
+        nonce = os.urandom(16)
+        field = ext.encode_authenticator(siv, associated, b"secret-efs", nonce)
+        packet = associated + field
+        fields, _ = ext.parse_fields(packet)
+        auth = ext.parse_authenticator(fields[-1])
+        self.assertEqual(auth.offset, len(associated))
+        self.assertEqual(auth.nonce, nonce)
+        self.assertEqual(ext.open_authenticator(siv, packet, auth), b"secret-efs")
+        self.assertEqual(len(field), ext.authenticator_length(16, len(b"secret-efs")))
+        # Any change to the associated data, nonce or ciphertext fails (the
+        # last 2 bytes pad the ciphertext: padding is not authenticated).
+        for i in range(len(packet) - 2):
+            if 48 + 36 + 4 <= i < 48 + 36 + 8:
+                continue  # the length words: changing them breaks parsing instead
+            forged = bytearray(packet)
+            forged[i] ^= 0x40
+            try:
+                forged_auth = ext.parse_authenticator(
+                    ext.parse_fields(bytes(forged))[0][-1]
+                )
+            except ext.ExtensionError:
+                continue
+            self.assertIsNone(
+                ext.open_authenticator(siv, bytes(forged), forged_auth), i
+            )
+
+    def test_empty_plaintext_and_short_nonce(self) -> None:
+        siv = AESSIV(os.urandom(32))
+        field = ext.encode_authenticator(siv, b"ad", b"", b"n")
+        self.assertEqual(len(field), 4 + 4 + 16 + 16)
+        auth = ext.parse_authenticator(ext.parse_fields(field, 0)[0][0])
+        self.assertEqual(auth.nonce, b"n")
+        self.assertEqual(siv.decrypt(auth.ciphertext, [b"ad", b"n"]), b"")
+
+    def test_authenticator_length_checks(self) -> None:
+        def field(body: bytes) -> ext.ExtensionField:
+            return ext.ExtensionField(ext.AUTHENTICATOR, 48, len(body) + 4, body)
+
+        for body in (
+            b"\x00",
+            struct.pack("!HH", 0, 16) + bytes(32),
+            struct.pack("!HH", 16, 15) + bytes(32),
+            struct.pack("!HH", 16, 16) + bytes(31),
+            struct.pack("!HH", 4, 16) + bytes(20),  # nonce not padded up to 16
+        ):
+            with self.assertRaises(ext.ExtensionError):
+                ext.parse_authenticator(field(body))
+
+
+class RequestParseTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.store = KeyStore(None, lambda: NOW)
+        self.store.load()
+        self.client = Client(self.store)
+
+    def test_parse_request(self) -> None:
+        request = self.client.request(placeholders=2)
+        parsed = ext.parse_nts_request(request)
+        assert parsed is not None
+        self.assertEqual(parsed.unique_id, self.client.unique_id)
+        self.assertEqual(parsed.cookie, self.client.cookie)
+        self.assertEqual(parsed.placeholders, 2)
+
+    def test_plain_requests(self) -> None:
+        self.assertIsNone(ext.parse_nts_request(header()))
+        self.assertIsNone(
+            ext.parse_nts_request(header() + ext.encode_field(0x2005, b"x"))
+        )
+        # Garbage that is not an NTS field is not an NTS request either.
+        self.assertIsNone(ext.parse_nts_request(header() + bytes(20) + b"\x01" * 28))
+
+    def test_malformed_nts(self) -> None:
+        uid = ext.encode_field(ext.UNIQUE_IDENTIFIER, os.urandom(32))
+        cookie = ext.encode_field(ext.NTS_COOKIE, self.client.cookie)
+        auth = ext.encode_authenticator(AESSIV(KEYS.c2s), b"", b"", os.urandom(16))
+        bad = [
+            uid + cookie,  # no authenticator
+            cookie + auth,  # no unique id
+            uid + auth,  # no cookie
+            uid + uid + cookie + auth,
+            uid + cookie + cookie + auth,
+            uid + cookie + auth + ext.encode_field(ext.COOKIE_PLACEHOLDER, bytes(104)),
+            uid + cookie + auth + auth,
+            uid + cookie + auth + bytes(8),  # a "MAC" after the authenticator
+            ext.encode_field(ext.UNIQUE_IDENTIFIER, bytes(16)) + cookie + auth,
+            uid + cookie + ext.encode_field(ext.COOKIE_PLACEHOLDER, bytes(100)) + auth,
+            uid + b"\x02\x04\x00\x09" + bytes(40),
+        ]
+        for tail in bad:
+            with self.assertRaises(ext.ExtensionError, msg=tail[:8]):
+                ext.parse_nts_request(header() + tail)
+
+
+class ResponderTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.now = NOW
+        self.store = KeyStore(None, lambda: self.now)
+        self.store.load()
+        self.ntp = NtpResponder(lambda: STATE, lambda: self.now + 0.001)
+        self.responder = NtsResponder(self.ntp, self.store)
+        self.client = Client(self.store)
+
+    def reply(self, request: bytes) -> bytes:
+        reply = self.responder(request, self.now)
+        assert reply is not None
+        return reply
+
+    def test_authenticated_reply(self) -> None:
+        request = self.client.request()
+        reply = self.reply(request)
+        self.assertEqual(len(reply), len(request))
+        opened = ext.open_response(reply, self.client.s2c, self.client.unique_id)
+        self.assertFalse(opened.nak)
+        self.assertEqual(len(opened.cookies), 1)
+        self.assertEqual(self.store.open(opened.cookies[0]), KEYS)
+        self.assertNotEqual(opened.cookies[0], self.client.cookie)
+        # The header is the plain NTP reply's.
+        plain = self.ntp(request[:48], self.now)
+        assert plain is not None
+        self.assertEqual(reply[:48], plain)
+        self.assertEqual(reply[24:32], request[40:48])
+        self.assertEqual(self.responder.counters.authenticated, 1)
+
+    def test_same_for_ns_and_stamped(self) -> None:
+        request = self.client.request()
+        for reply in (
+            self.responder.respond_ns(request, int(NOW * 1e9)),
+            self.responder.respond_stamped(request, to_ntp(NOW)),
+        ):
+            assert reply is not None
+            ext.open_response(reply, self.client.s2c, self.client.unique_id)
+            self.assertEqual(reply[32:40], to_ntp(NOW))
+        plain = header()
+        self.assertEqual(
+            self.responder.respond_ns(plain, 5), self.ntp.respond_ns(plain, 5)
+        )
+        self.assertEqual(
+            self.responder.respond_stamped(plain, bytes(8)),
+            self.ntp.respond_stamped(plain, bytes(8)),
+        )
+
+    def test_batch_responder(self) -> None:
+        self.assertTrue(NtsResponder.long_replies)
+        respond = self.responder.batch()
+        request = self.client.request()
+        reply = respond(request, NOW)
+        assert reply is not None
+        ext.open_response(reply, self.client.s2c, self.client.unique_id)
+        self.assertEqual(reply[40:48], to_ntp(self.now + 0.001))  # stamped, sealed
+        plain = header()
+        batch = getattr(self.ntp, "batch", None)
+        expected = batch()(plain, NOW) if batch is not None else self.ntp(plain, NOW)
+        self.assertEqual(respond(plain, NOW), expected)
+        forged = bytearray(request)
+        forged[-1] ^= 1
+        nak = respond(bytes(forged), NOW)
+        assert nak is not None
+        self.assertEqual(nak[12:16], b"NTSN")
+        self.assertIsNone(respond(request + bytes(16), NOW))
+
+    def test_placeholders_get_cookies(self) -> None:
+        for placeholders, encrypted, expected in (
+            (3, 0, 4),
+            (0, 2, 3),
+            (2, 2, 5),
+            (9, 0, 8),
+        ):
+            request = self.client.request(placeholders, encrypted)
+            reply = self.reply(request)
+            cookies = ext.open_response(
+                reply, self.client.s2c, self.client.unique_id
+            ).cookies
+            self.assertEqual(len(cookies), expected, (placeholders, encrypted))
+            self.assertLessEqual(len(reply), len(request))
+            if not encrypted and placeholders <= 7:
+                self.assertEqual(len(reply), len(request))
+
+    def test_reply_never_larger_than_request(self) -> None:
+        # Encrypted placeholders ask for cookies without paying for the space
+        # in the clear; the reply still fits in the request.
+        request = self.client.request(0, 5)
+        reply = self.reply(request)
+        self.assertLessEqual(len(reply), len(request))
+        cookies = ext.open_response(
+            reply, self.client.s2c, self.client.unique_id
+        ).cookies
+        self.assertEqual(len(cookies), 6)
+
+    def test_tampered_authenticator_nak(self) -> None:
+        request = bytearray(self.client.request())
+        request[-20] ^= 1
+        reply = self.reply(bytes(request))
+        self.assertNak(reply, bytes(request))
+
+    def test_tampered_header_nak(self) -> None:
+        request = bytearray(self.client.request())
+        request[40] ^= 1  # the transmit stamp is associated data
+        self.assertNak(self.reply(bytes(request)), bytes(request))
+
+    def test_unknown_key_nak(self) -> None:
+        other = MasterKey(0x01020304, os.urandom(64), NOW)
+        self.client.cookie = other.seal(KEYS, os.urandom(16))
+        request = self.client.request()
+        self.assertNak(self.reply(request), request)
+        self.assertEqual(self.responder.counters.naks, 1)
+
+    def test_expired_key_nak(self) -> None:
+        request = self.client.request()
+        self.now += 3 * 86_400
+        self.assertNak(self.reply(request), request)
+
+    def assertNak(self, reply: bytes, request: bytes) -> None:
+        self.assertEqual(reply[1], 0)
+        self.assertEqual(reply[12:16], b"NTSN")
+        self.assertEqual(reply[0] >> 6, 3)
+        self.assertEqual(reply[24:32], request[40:48])
+        self.assertLessEqual(len(reply), len(request))
+        opened = ext.open_response(reply, self.client.s2c, self.client.unique_id)
+        self.assertTrue(opened.nak)
+        fields, _ = ext.parse_fields(reply)
+        self.assertEqual([f.type for f in fields], [ext.UNIQUE_IDENTIFIER])
+
+    def test_plain_ntp_unchanged(self) -> None:
+        for request in (
+            header(),
+            header(3),
+            header() + bytes(20) + b"\x01" * 28,
+            header(3) + ext.encode_field(ext.UNIQUE_IDENTIFIER, bytes(32)),
+        ):
+            self.assertEqual(self.responder(request, NOW), self.ntp(request, NOW))
+        self.assertIsNone(self.responder(b"\x1b" + bytes(10), NOW))
+        self.assertIsNone(self.responder(bytes([4 << 3 | 4]) + bytes(100), NOW))
+
+    def test_malformed_nts_dropped(self) -> None:
+        request = self.client.request()
+        self.assertIsNone(self.responder(request + bytes(16), NOW))
+        cut = request[:48] + request[48 + 36 :]  # no unique identifier
+        self.assertIsNone(self.responder(cut, NOW))
+        self.assertEqual(self.responder.counters.malformed, 2)
+
+    def test_malformed_plaintext_dropped(self) -> None:
+        associated = header() + ext.encode_field(ext.UNIQUE_IDENTIFIER, os.urandom(32))
+        associated += ext.encode_field(ext.NTS_COOKIE, self.client.cookie)
+        request = associated + ext.encode_authenticator(
+            self.client.c2s, associated, b"\x03\x04\x00\x09xxxxx", os.urandom(16)
+        )
+        self.assertIsNone(self.responder(request, NOW))
+
+    @given(st.integers(48, 400), st.integers(0, 255))
+    def test_corrupted_requests_never_raise(self, position: int, value: int) -> None:
+        request = bytearray(self.client.request(placeholders=1))
+        if position < len(request):
+            request[position] = value
+        reply = self.responder(bytes(request), NOW)
+        if reply is not None:
+            self.assertLessEqual(len(reply), len(request))
+
+    def test_factory(self) -> None:
+        responder = nts_responder_factory(self.store)(
+            Settings(wall_clock=lambda: NOW, extra={"local_stratum": 10})
+        )
+        self.assertIsInstance(responder, NtsResponder)
+        reply = responder(self.client.request(), NOW)
+        assert reply is not None
+        ext.open_response(reply, self.client.s2c, self.client.unique_id)
+        self.assertEqual(reply[1], 10)
+
+
+class ClientSideTests(unittest.TestCase):
+    def test_open_response_rejects(self) -> None:
+        s2c = AESSIV(os.urandom(32))
+        uid = os.urandom(32)
+        good = ext.build_response(header(), uid, s2c, [b"c" * 104], os.urandom(16))
+        self.assertEqual(ext.open_response(good, s2c, uid).cookies, (b"c" * 104,))
+        with self.assertRaises(ext.ExtensionError):
+            ext.open_response(good, s2c, os.urandom(32))
+        with self.assertRaises(ext.ExtensionError):
+            ext.open_response(good, AESSIV(os.urandom(32)), uid)
+        with self.assertRaises(ext.ExtensionError):
+            ext.open_response(good[:40], s2c, uid)
+        with self.assertRaises(ext.ExtensionError):
+            ext.open_response(
+                header() + ext.encode_field(ext.UNIQUE_IDENTIFIER, uid), s2c, uid
+            )
+        padded = ext.build_response(header(), uid, s2c, [], os.urandom(16), length=400)
+        self.assertEqual(len(padded), 400)
+        self.assertEqual(ext.open_response(padded, s2c, uid).cookies, ())

@@ -1,0 +1,217 @@
+"""NTS command-line options, their checks, and the services they build."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+from twisted.application.service import MultiService
+from twisted.internet import reactor
+from twisted.python import usage
+from twisted.trial import unittest
+
+from tests.test_nts_support import make_certificate
+from udptime import tap
+from udptime.formats import Settings
+from udptime.nts.cookies import DEFAULT_ROTATE
+from udptime.nts.ke import DEFAULT_KE_RATE_LIMIT
+from udptime.nts.options import (
+    NTS_OPT_PARAMETERS,
+    KeService,
+    NtsKeysService,
+    check_nts_options,
+    nts_services,
+    parse_ke_address,
+)
+from udptime.nts.responder import NtsResponder
+from udptime.policy import RateLimit
+
+
+class Options(tap.Options):
+    optParameters: ClassVar[list[list[Any]]] = (
+        tap.Options.optParameters + NTS_OPT_PARAMETERS
+    )
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        check_nts_options(self)
+
+
+class AddressTests(unittest.TestCase):
+    def test_good(self) -> None:
+        self.assertEqual(parse_ke_address("4460"), ("", 4460))
+        self.assertEqual(parse_ke_address("127.0.0.1:4460"), ("127.0.0.1", 4460))
+        self.assertEqual(parse_ke_address("[::1]:4460"), ("::1", 4460))
+        self.assertEqual(parse_ke_address("[::]:0"), ("::", 0))
+
+    def test_bad(self) -> None:
+        for text in (
+            "host:1",
+            ":4460",
+            "::1:4460",
+            "[::1]4460",
+            "99999",
+            "[1.2.3.4]:1",
+            "x",
+        ):
+            with self.assertRaises(usage.UsageError, msg=text):
+                parse_ke_address(text)
+
+
+class CheckTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="udptime-nts-options-"))
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.cert, self.key = make_certificate(self.dir)
+        self.keys = self.dir / "keys.json"
+
+    def parse(self, *args: str) -> Options:
+        options = Options()
+        options.parseOptions(["--listen", "ntp@127.0.0.1:0", *args])
+        return options
+
+    def nts(self, *args: str) -> list[str]:
+        return [
+            "--nts-ke",
+            "127.0.0.1:0",
+            "--tls-cert",
+            str(self.cert),
+            "--tls-key",
+            str(self.key),
+            "--nts-keys",
+            str(self.keys),
+            *args,
+        ]
+
+    def test_off_by_default(self) -> None:
+        options = self.parse()
+        self.assertIsNone(options["nts-ke"])
+        self.assertEqual(options["nts-rotate"], DEFAULT_ROTATE)
+        self.assertEqual(options["nts-ke-rate-limit"], DEFAULT_KE_RATE_LIMIT)
+        self.assertEqual(nts_services(options, reactor, 123), ([], None))
+
+    def test_on(self) -> None:
+        options = self.parse(
+            *self.nts(
+                "--nts-server",
+                "ntp.example",
+                "--nts-rotate",
+                "3600",
+                "--nts-ke-rate-limit",
+                "1/5",
+                "--nts-ke-connections",
+                "7",
+                "--nts-ke-timeout",
+                "2.5",
+            )
+        )
+        self.assertEqual(options["nts-ke"], ("127.0.0.1", 0))
+        self.assertEqual(options["nts-rotate"], 3600.0)
+        self.assertEqual(options["nts-ke-rate-limit"], RateLimit(1.0, 5))
+        self.assertEqual(options["nts-ke-connections"], 7)
+        self.assertEqual(options["nts-ke-timeout"], 2.5)
+        self.assertEqual(options["nts-server"], "ntp.example")
+        self.assertEqual(
+            self.parse(*self.nts("--nts-ke-rate-limit", "off"))["nts-ke-rate-limit"],
+            None,
+        )
+
+    def test_refused_combinations(self) -> None:
+        bad = [
+            ["--tls-cert", str(self.cert)],
+            ["--nts-server", "x"],
+            ["--nts-ke", "4460"],
+            ["--nts-ke", "4460", "--tls-cert", str(self.cert)],
+            self.nts("--nts-server", "has space"),
+            self.nts("--nts-server", ""),
+            self.nts("--nts-rotate", "0"),
+            self.nts("--nts-rotate", "nan"),
+            self.nts("--nts-rotate", "soon"),
+            self.nts("--nts-ke-connections", "0"),
+            self.nts("--nts-ke-connections", "many"),
+            self.nts("--nts-ke-rate-limit", "fast"),
+            self.nts("--nts-keys", str(self.dir / "missing" / "keys.json")),
+            self.nts("--nts-keys", ""),
+            self.nts("--tls-cert", str(self.dir / "nope.pem")),
+            self.nts("--tls-key", str(self.cert)),
+        ]
+        for args in bad:
+            with self.assertRaises(usage.UsageError, msg=args):
+                self.parse(*args)
+
+    def test_corrupt_keys_file(self) -> None:
+        self.keys.write_bytes(b"{}")
+        with self.assertRaises(usage.UsageError):
+            self.parse(*self.nts())
+
+    def test_needs_an_ntp_listener(self) -> None:
+        options = Options()
+        with self.assertRaises(usage.UsageError):
+            options.parseOptions(["--listen", "time@127.0.0.1:0", *self.nts()])
+
+    def test_services(self) -> None:
+        options = self.parse(*self.nts())
+        services, factory = nts_services(options, reactor, 20123)
+        self.assertEqual([s.name for s in services], ["nts-keys", "nts-ke"])
+        keys, ke = services
+        assert isinstance(keys, NtsKeysService) and isinstance(ke, KeService)
+        assert factory is not None
+        self.assertIsInstance(
+            factory(Settings(extra={"local_stratum": 10})), NtsResponder
+        )
+        top = MultiService()
+        for service in services:
+            service.setServiceParent(top)
+        top.privilegedStartService()
+        self.assertFalse(self.keys.exists())  # not before privileges drop
+        top.startService()
+        self.addCleanup(top.stopService)
+        self.assertEqual(stat.S_IMODE(os.stat(self.keys).st_mode), 0o600)
+        self.assertEqual(len(keys.store.keys), 1)
+        self.assertGreater(ke.bound_port, 0)
+
+    def test_unusable_keys_file_at_start(self) -> None:
+        options = self.parse(*self.nts())
+        services, _ = nts_services(options, reactor, 123, serve_ke=False)
+        self.keys.write_bytes(b"garbage")
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        with self.assertRaises(SystemExit):
+            services[0].startService()
+        self.assertIn("udptime: NTS keys:", stderr.getvalue())
+
+    def test_unreadable_tls_key_at_service_time(self) -> None:
+        options = self.parse(*self.nts())
+        options["tls-key"] = str(self.dir / "gone.pem")
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        with self.assertRaises(SystemExit):
+            nts_services(options, reactor, 123)
+        self.assertIn("TLS certificate or key", stderr.getvalue())
+
+    def test_workers_get_no_ke(self) -> None:
+        options = self.parse(*self.nts())
+        services, factory = nts_services(options, reactor, 123, serve_ke=False)
+        self.assertEqual([s.name for s in services], ["nts-keys"])
+        self.assertIsNotNone(factory)
+
+    def test_bind_failure_is_one_line(self) -> None:
+        options = self.parse(*self.nts())
+        first, _ = nts_services(options, reactor, 123)
+        first[1].privilegedStartService()
+        self.addCleanup(first[1].stopService)
+        assert isinstance(first[1], KeService)
+        options["nts-ke"] = ("127.0.0.1", first[1].bound_port)
+        second, _ = nts_services(options, reactor, 123)
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        with self.assertRaises(SystemExit):
+            second[1].privilegedStartService()
+        self.assertIn("udptime: cannot listen on TCP 127.0.0.1:", stderr.getvalue())
+        self.assertIn("(NTS-KE)", stderr.getvalue())
