@@ -21,6 +21,7 @@ from udptime.formats import (
     get_format,
     looks_like_time_reply,
 )
+from udptime.policy import DEFAULT_LOOP_PORTS, Policy, RateLimit
 from udptime.protocol import TimeProtocol
 
 CLIENT = ("192.0.2.7", 40000)
@@ -193,3 +194,54 @@ class ErrorTests(unittest.TestCase):
         proto.transport = transport
         proto.datagramReceived(b"", CLIENT)
         self.assertEqual(len(transport.written), 1)
+
+
+class PolicyInFrontTests(unittest.TestCase):
+    """The whole protocol, policy in front, under any input: never more than one
+    reply, never an exception, never a reply to a loop-guarded or denied source."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        name=st.sampled_from(["ctime", "daytime", "time", "ntp"]),
+        datagrams=st.lists(
+            st.tuples(
+                st.binary(max_size=256),
+                st.sampled_from(["192.0.2.1", "192.0.2.2", "2001:db8::1", "10.9.9.9"]),
+                st.sampled_from([0, 7, 13, 19, 37, 123, 40000]),
+                st.floats(0, 5),
+            ),
+            max_size=40,
+        ),
+    )
+    def test_any_traffic(
+        self, name: str, datagrams: list[tuple[bytes, str, int, float]]
+    ) -> None:
+        policy = Policy(
+            rate_limit=RateLimit(2, 3),
+            deny=["10.0.0.0/8"],
+            deny_kiss=True,
+            table_size=2,
+        )
+        proto, transport, clock = make(name, policy=policy)
+        for datagram, host, port, step in datagrams:
+            clock.advance(step)
+            before = len(transport.written)
+            proto.datagramReceived(datagram, (host, port))
+            sent = transport.written[before:]
+            self.assertLessEqual(len(sent), 1)
+            if port == 0 or (name != "ntp" and port in DEFAULT_LOOP_PORTS):
+                self.assertEqual(sent, [])
+            if host.startswith("10.") and sent:
+                self.assertEqual(sent[0][0][12:16], b"DENY")  # only a DENY kiss
+        counters = proto.counters
+        self.assertEqual(counters.received, len(datagrams))
+        self.assertEqual(counters.errors, 0)
+        self.assertEqual(counters.answered, len(transport.written))
+        self.assertEqual(
+            counters.received,
+            counters.answered
+            - counters.kisses
+            + counters.rate_limited
+            + counters.denied
+            + counters.ignored,
+        )
