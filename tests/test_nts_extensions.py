@@ -255,24 +255,6 @@ class ResponderTests(unittest.TestCase):
         self.assertEqual(reply[24:32], request[40:48])
         self.assertEqual(self.responder.counters.authenticated, 1)
 
-    def test_same_for_ns_and_stamped(self) -> None:
-        request = self.client.request()
-        for reply in (
-            self.responder.respond_ns(request, int(NOW * 1e9)),
-            self.responder.respond_stamped(request, to_ntp(NOW)),
-        ):
-            assert reply is not None
-            ext.open_response(reply, self.client.s2c, self.client.unique_id)
-            self.assertEqual(reply[32:40], to_ntp(NOW))
-        plain = header()
-        self.assertEqual(
-            self.responder.respond_ns(plain, 5), self.ntp.respond_ns(plain, 5)
-        )
-        self.assertEqual(
-            self.responder.respond_stamped(plain, bytes(8)),
-            self.ntp.respond_stamped(plain, bytes(8)),
-        )
-
     def test_batch_responder(self) -> None:
         self.assertTrue(NtsResponder.long_replies)
         respond = self.responder.batch()

@@ -336,10 +336,9 @@ class _Heads:
 class NtpResponder:
     """The ``ntp`` format's responder: request bytes and receive time to a reply.
 
-    Call it as a ``Responder`` with the receive time as POSIX seconds, or use
-    ``respond_ns`` (integer nanoseconds, e.g. ``sec * 10**9 + nsec`` from
-    ``SO_TIMESTAMPNS``) or ``respond_stamped`` (a ready 8-byte NTP stamp).
-    The transmit stamp is read from *wall_clock* last, just before packing.
+    Call it as a ``Responder`` with the receive time as POSIX seconds; the
+    transmit stamp is read from *wall_clock* last, just before packing. The
+    fast path uses :meth:`batch` instead.
     """
 
     __slots__ = ("_heads", "_min_poll", "_state", "_wall_clock")
@@ -357,10 +356,8 @@ class NtpResponder:
         self._min_poll = min_poll
         self._heads = _Heads(state(), min_poll)
 
-    def _head(self, request: bytes) -> bytes | None:
-        """Reply bytes 0-23 for *request*, or ``None`` when it is to be ignored."""
-        if len(request) < PACKET_SIZE:
-            return None
+    def _current_heads(self) -> _Heads:
+        """The reply heads for the current clock state, rebuilt when it changed."""
         state = self._state()
         heads = self._heads
         if state is not heads.state:
@@ -368,6 +365,13 @@ class NtpResponder:
                 heads.state = state
             else:
                 heads = self._heads = _Heads(state, self._min_poll)
+        return heads
+
+    def _head(self, request: bytes) -> bytes | None:
+        """Reply bytes 0-23 for *request*, or ``None`` when it is to be ignored."""
+        if len(request) < PACKET_SIZE:
+            return None
+        heads = self._current_heads()
         head = heads.table.get(request[0] << 8 | request[2])
         if head is None:
             return heads.fill(request[0], request[2])
@@ -392,13 +396,7 @@ class NtpResponder:
         stamp into every reply right before ``sendmmsg``, later than any
         per-reply clock read could be.
         """
-        state = self._state()
-        heads = self._heads
-        if state is not heads.state:
-            if state == heads.state:
-                heads.state = state
-            else:
-                heads = self._heads = _Heads(state, self._min_poll)
+        heads = self._current_heads()
         table = heads.table
         fill = heads.fill
         pack = _REPLY_UNSTAMPED.pack
@@ -414,28 +412,6 @@ class NtpResponder:
             return pack(head, request[40:48], _fixed_from_posix(received) & _MASK64)
 
         return respond
-
-    def respond_ns(self, request: bytes, received_ns: int) -> bytes | None:
-        head = self._head(request)
-        if head is None:
-            return None
-        return _REPLY_STAMPED.pack(
-            head,
-            request[40:48],
-            ntp_from_ns(received_ns),
-            _fixed_from_posix(self._wall_clock()) & _MASK64,
-        )
-
-    def respond_stamped(self, request: bytes, receive_stamp: bytes) -> bytes | None:
-        head = self._head(request)
-        if head is None:
-            return None
-        return _REPLY_STAMPED.pack(
-            head,
-            request[40:48],
-            receive_stamp,
-            _fixed_from_posix(self._wall_clock()) & _MASK64,
-        )
 
 
 def _stratum_option(

@@ -59,7 +59,7 @@ class NtsCounters:
 
 class NtsResponder:
     """An NTP responder that also serves NTS; same call signatures as
-    :class:`NtpResponder` (``__call__``, ``respond_ns``, ``respond_stamped``).
+    :class:`NtpResponder` (``__call__`` and ``batch``).
 
     Replies to NTS requests are longer than 48 bytes and authenticated as a
     whole, transmit stamp included: a batch sender must not overwrite their
@@ -113,26 +113,6 @@ class NtsResponder:
             return self._answer(request, nts, lambda: ntp(request, received))
 
         return respond
-
-    def respond_ns(self, request: bytes, received_ns: int) -> bytes | None:
-        if len(request) <= PACKET_SIZE or request[0] & 0x3F != _V4_CLIENT:
-            return self._ntp.respond_ns(request, received_ns)
-        nts = self._parse(request)
-        if nts is None:
-            return self._ntp.respond_ns(request, received_ns)
-        return self._answer(
-            request, nts, lambda: self._ntp.respond_ns(request, received_ns)
-        )
-
-    def respond_stamped(self, request: bytes, receive_stamp: bytes) -> bytes | None:
-        if len(request) <= PACKET_SIZE or request[0] & 0x3F != _V4_CLIENT:
-            return self._ntp.respond_stamped(request, receive_stamp)
-        nts = self._parse(request)
-        if nts is None:
-            return self._ntp.respond_stamped(request, receive_stamp)
-        return self._answer(
-            request, nts, lambda: self._ntp.respond_stamped(request, receive_stamp)
-        )
 
     def _parse(self, request: bytes) -> NtsRequest | None | bool:
         """The NTS request, ``None`` for plain NTP, ``False`` for malformed."""
