@@ -17,6 +17,14 @@
  * unconnected sockets (N sources, e.g. 32768, each at a trickle). Without
  * either, everything comes from 127.0.0.1.
  *
+ * --payload-file PATH sends prepared datagrams instead (e.g. NTS-authenticated
+ * NTP requests, which a closed loop cannot make fast enough itself): the file
+ * holds records of a 2-byte big-endian length followed by that many bytes,
+ * and requests cycle through them in order. Replies are still checked as
+ * --payload says (ntp: at least 48 bytes, mode 4; stratum 0 counts as a KoD,
+ * of which an NTS NAK, refid NTSN, is also counted apart); any reply length
+ * is accepted (NTS replies carry extension fields).
+ *
  * Only loopback (127.0.0.0/8) targets are accepted. Prints one JSON object.
  *
  * Build: cc -O2 -o loadgen loadgen.c
@@ -39,7 +47,8 @@
 #include <unistd.h>
 
 #define BATCH 64
-#define REPLY_MAX 2048
+#define REPLY_MAX 4096 /* longer replies arrive truncated, still counted */
+#define DGRAM_MAX 65507
 #define NTP_LEN 48
 #define NTP_UNIX_OFFSET 2208988800ULL
 #define HIST_NS 100            /* histogram bucket width */
@@ -56,6 +65,12 @@ struct sock {
     uint64_t *fifo; /* send times of outstanding requests, ring of size W */
     int head;
     int count;
+};
+
+/* Prepared request datagrams (--payload-file), sent in turn. */
+struct dgram {
+    const unsigned char *data;
+    size_t len;
 };
 
 static volatile sig_atomic_t stop_flag;
@@ -76,13 +91,14 @@ static void usage(const char *prog) {
             "usage: %s --port P [--host 127.0.0.1] [--payload empty|ntp]\n"
             "          [--sockets K] [--window W] [--duration S] [--warmup S]\n"
             "          [--timeout-ms MS] [--rate R] [--spread | --sources N]\n"
-            "          [--source-base 127.1.0.1]\n"
+            "          [--source-base 127.1.0.1] [--payload-file PATH]\n"
             "          [--latency]\n",
             prog);
 }
 
 /* Counters of the measured interval (after warm-up). */
 static uint64_t c_sent, c_replies, c_lost, c_refills, c_send_errors, c_bad, c_kod;
+static uint64_t c_nak, c_sent_bytes, c_reply_bytes;
 static uint64_t *hist;
 static uint64_t hist_over, hist_n;
 static double hist_sum_ns;
@@ -130,6 +146,62 @@ static void fill_ntp(unsigned char *buf, uint32_t seq) {
     memcpy(buf + 44, &nfrac, 4);
 }
 
+/* Read --payload-file: records of a 2-byte big-endian length and the bytes.
+ * Returns the number of datagrams (> 0), or -1 after printing why not. */
+static int load_payload_file(const char *path, struct dgram **out) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "loadgen: %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    size_t cap = 1 << 16, size = 0;
+    unsigned char *buf = malloc(cap);
+    for (;;) {
+        if (!buf) {
+            fprintf(stderr, "loadgen: out of memory reading %s\n", path);
+            fclose(f);
+            return -1;
+        }
+        size += fread(buf + size, 1, cap - size, f);
+        if (size < cap)
+            break;
+        cap *= 2;
+        buf = realloc(buf, cap);
+    }
+    int failed = ferror(f);
+    fclose(f);
+    if (failed) {
+        fprintf(stderr, "loadgen: reading %s failed\n", path);
+        return -1;
+    }
+    int n = 0;
+    for (size_t off = 0; off < size; n++) {
+        size_t len = off + 2 <= size ? ((size_t)buf[off] << 8) | buf[off + 1] : SIZE_MAX;
+        if (len > DGRAM_MAX || off + 2 + len > size) {
+            fprintf(stderr, "loadgen: %s: bad record at byte %zu\n", path, off);
+            return -1;
+        }
+        off += 2 + len;
+    }
+    if (n == 0) {
+        fprintf(stderr, "loadgen: %s holds no datagrams\n", path);
+        return -1;
+    }
+    struct dgram *d = calloc((size_t)n, sizeof *d);
+    if (!d) {
+        perror("calloc");
+        return -1;
+    }
+    size_t off = 0;
+    for (int i = 0; i < n; i++) {
+        d[i].len = ((size_t)buf[off] << 8) | buf[off + 1];
+        d[i].data = buf + off + 2;
+        off += 2 + d[i].len;
+    }
+    *out = d;
+    return n;
+}
+
 /* Address an unconnected send to target from source address src (host order). */
 static void set_source(struct msghdr *h, struct sockaddr_in *target, char *ctl,
                        uint32_t src) {
@@ -154,6 +226,7 @@ int main(int argc, char **argv) {
     double duration = 5.0, warmup = 0.5, rate = 0.0;
     int timeout_ms = 100;
     enum payload payload = PAYLOAD_EMPTY;
+    const char *payload_file = NULL;
 
     static const struct option opts[] = {
         {"host", required_argument, 0, 'h'},
@@ -169,6 +242,7 @@ int main(int argc, char **argv) {
         {"sources", required_argument, 0, 'S'},
         {"source-base", required_argument, 0, 'b'},
         {"latency", no_argument, 0, 'l'},
+        {"payload-file", required_argument, 0, 'f'},
         {"help", no_argument, 0, '?'},
         {0, 0, 0, 0},
     };
@@ -197,6 +271,7 @@ int main(int argc, char **argv) {
         case 'S': nsources = atoi(optarg); break;
         case 'b': source_base = optarg; break;
         case 'l': latency = 1; break;
+        case 'f': payload_file = optarg; break;
         default: usage(argv[0]); return 2;
         }
     }
@@ -228,6 +303,12 @@ int main(int argc, char **argv) {
         fprintf(stderr, "loadgen: --source-base must be a 127.x.y.z literal\n");
         return 2;
     }
+
+    struct dgram *dgrams = NULL;
+    int ndgrams = 0;
+    uint32_t dgram_next = 0;
+    if (payload_file && (ndgrams = load_payload_file(payload_file, &dgrams)) < 0)
+        return 2;
 
     hist = calloc(HIST_BUCKETS, sizeof *hist);
     struct sock *socks = calloc((size_t)nsock, sizeof *socks);
@@ -315,7 +396,11 @@ int main(int argc, char **argv) {
         while (want_ > 0) {                                                         \
             int n_ = want_ > BATCH ? BATCH : want_;                                 \
             for (int j_ = 0; j_ < n_; j_++) {                                       \
-                if (payload == PAYLOAD_NTP)                                         \
+                if (ndgrams) {                                                      \
+                    struct dgram *d_ = &dgrams[dgram_next++ % (uint32_t)ndgrams];   \
+                    txiov[j_].iov_base = (void *)d_->data;                          \
+                    txiov[j_].iov_len = d_->len;                                    \
+                } else if (payload == PAYLOAD_NTP)                                  \
                     fill_ntp(txbuf[j_], seq++);                                     \
                 memset(&txmsg[j_], 0, sizeof txmsg[j_]);                            \
                 txmsg[j_].msg_hdr.msg_iov = &txiov[j_];                             \
@@ -332,6 +417,7 @@ int main(int argc, char **argv) {
             for (int j_ = 0; j_ < r_; j_++) {                                       \
                 s_->fifo[(s_->head + s_->count) % window] = (NOW);                  \
                 s_->count++;                                                        \
+                c_sent_bytes += txiov[j_].iov_len;                                  \
             }                                                                       \
             s_->outstanding += r_;                                                  \
             c_sent += (uint64_t)r_;                                                 \
@@ -367,6 +453,7 @@ int main(int argc, char **argv) {
             /* Start of the measured interval: forget the warm-up. */
             warm = 0;
             c_sent = c_replies = c_lost = c_refills = c_send_errors = c_bad = c_kod = 0;
+            c_nak = c_sent_bytes = c_reply_bytes = 0;
             memset(hist, 0, HIST_BUCKETS * sizeof *hist);
             hist_over = hist_n = hist_max_ns = 0;
             hist_sum_ns = 0;
@@ -391,11 +478,15 @@ int main(int argc, char **argv) {
                     break; /* EAGAIN, or ECONNREFUSED from an ICMP error */
                 for (int j = 0; j < r; j++) {
                     unsigned len = rxmsg[j].msg_len;
+                    c_reply_bytes += len;
                     if (payload == PAYLOAD_NTP) {
                         if (len < NTP_LEN || (rxbuf[j][0] & 7) != 4)
                             c_bad++;
-                        else if (rxbuf[j][1] == 0)
+                        else if (rxbuf[j][1] == 0) {
                             c_kod++;
+                            if (memcmp(rxbuf[j] + 12, "NTSN", 4) == 0)
+                                c_nak++;
+                        }
                     } else if (len == 0) {
                         c_bad++;
                     }
@@ -462,6 +553,21 @@ int main(int argc, char **argv) {
            (unsigned long long)c_refills, (unsigned long long)c_send_errors,
            (unsigned long long)c_bad, (unsigned long long)c_kod,
            (double)c_replies / measured, cpu_user + cpu_sys);
+    /* What was sent and what came back; a --payload-file path is printed
+     * only when it needs no JSON escaping. */
+    int plain_path = payload_file != NULL;
+    for (const char *q = payload_file; q && *q; q++)
+        if (*q == '"' || *q == '\\' || (unsigned char)*q < 0x20)
+            plain_path = 0;
+    if (plain_path)
+        printf("\"payload_file\": \"%s\", ", payload_file);
+    else
+        printf("\"payload_file\": %s, ", payload_file ? "\"?\"" : "null");
+    printf("\"payload_datagrams\": %d, \"nts_nak\": %llu, "
+           "\"request_bytes_mean\": %.1f, \"reply_bytes_mean\": %.1f, ",
+           ndgrams, (unsigned long long)c_nak,
+           c_sent ? (double)c_sent_bytes / (double)c_sent : 0.0,
+           c_replies ? (double)c_reply_bytes / (double)c_replies : 0.0);
     if (hist_n > 0)
         printf("\"rtt_us\": {\"samples\": %llu, \"mean\": %.2f, \"p50\": %.2f, "
                "\"p90\": %.2f, \"p99\": %.2f, \"p999\": %.2f, \"max\": %.2f}}\n",

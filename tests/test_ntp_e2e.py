@@ -97,6 +97,14 @@ class NtplibTests(unittest.TestCase):
         assert answer is not None
         self.assertEqual(len(answer[0]), 48)
 
+    def test_oversized_requests(self) -> None:
+        port = start_ntp(self, "--local-stratum", "10")
+        answer = query("127.0.0.1", port, client_request() + bytes(1000))
+        assert answer is not None
+        self.assertEqual(len(answer[0]), 48)
+        # Longer than the fast path's 2,048-byte slots: never half-read.
+        self.assertIsNone(query("127.0.0.1", port, client_request() + bytes(3000), 0.3))
+
     def test_other_modes_ignored(self) -> None:
         port = start_ntp(self, "--local-stratum", "10")
         for mode in (1, 2, 4, 5, 6, 7):

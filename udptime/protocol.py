@@ -160,8 +160,16 @@ class TimeProtocol(DatagramProtocol):
         respond = self._respond_batch() if self._respond_batch else self._respond
         addrs, ports = batch.sources(n)
         received = batch.received(n)
+        cut_before = batch.truncated_count
+        data = batch.data(n)
+        if batch.truncated_count != cut_before and not self._echoes:
+            # Longer than a slot: a format that reads the content (NTP, NTS)
+            # must not answer a part of it; it gets an empty datagram, which
+            # it ignores. Text replies do not depend on the content.
+            cut = set(batch.truncated(n))
+            data = tuple(b"" if i in cut else d for i, d in enumerate(data))
         replies = list(
-            map(self._decide, repeat(respond, n), batch.data(n), addrs, ports, received)
+            map(self._decide, repeat(respond, n), data, addrs, ports, received)
         )
         count = n - replies.count(None)
         if not count:
