@@ -15,6 +15,11 @@ measured maximum. Writes ``results.json``, ``results.md`` and ``results.png``
 (to ``bench/results/``; a ``--quick`` smoke run to ``bench/build/results-quick/``).
 See docs/benchmarks.md.
 
+NTS rows (udptime and chronyd serving RFC 8915) first hold one NTS-KE session
+with the server, then replay 64 authenticated requests made from its cookies
+and keys (``bench/nts_load.py``, ``loadgen --payload-file``); their replies/s
+are compared with plain udptime NTP and with chronyd's NTS.
+
 Which servers run is the ``VARIANTS`` table below. A udptime row whose format
 or options the installed udptime does not offer (read from
 ``twistd udptime --help``) is skipped and the reason recorded. Only loopback
@@ -64,6 +69,9 @@ DEFAULT_SOURCES = 32768
 RECIPE = "recipe socketserver"
 CEILING = "C ceiling"
 CHRONYD = "chronyd"
+CHRONYD_NTS = "chronyd + NTS"
+UDPTIME_NTP = "udptime ntp"
+UDPTIME_NTS = "udptime ntp + NTS"
 
 NTP_UNIX_OFFSET = 2_208_988_800
 #: A round during which other processes kept this much of a CPU busy is
@@ -132,6 +140,9 @@ class Variant:
     accuracy: bool = False  # NTP offset measured with independent clients
     note: str = ""
     cpus: str = ""  # taskset CPU list for the server; default SERVER_CPU
+    #: NTS on (RFC 8915): the server gets a self-signed certificate and an
+    #: NTS-KE port; the load is authenticated requests from one KE session.
+    nts: bool = False
 
 
 #: NTP rows serve the unsynchronised clock of this machine the way chronyd's
@@ -182,7 +193,7 @@ VARIANTS: tuple[Variant, ...] = (
     ),
     Variant("udptime time", "udptime", "empty", "time", note="RFC 868, defaults"),
     Variant(
-        "udptime ntp",
+        UDPTIME_NTP,
         "udptime",
         "ntp",
         "ntp",
@@ -210,6 +221,18 @@ VARIANTS: tuple[Variant, ...] = (
         "server CPU counts the first process only",
     ),
     Variant(
+        UDPTIME_NTS,
+        "udptime",
+        "ntp",
+        "ntp",
+        LOCAL,
+        quick=True,
+        nts=True,
+        note="--local-stratum 10 and --nts-ke (self-signed P-256 certificate, "
+        "keys file in the temp dir), otherwise defaults; load: 64 NTS-authenticated "
+        "requests (one cookie, no placeholders) replayed",
+    ),
+    Variant(
         RECIPE,
         "recipe_socketserver",
         "empty",
@@ -230,6 +253,14 @@ VARIANTS: tuple[Variant, ...] = (
         quick=True,
         accuracy=True,
         note="chronyd -x as an NTP server, local stratum 10",
+    ),
+    Variant(
+        CHRONYD_NTS,
+        "chronyd",
+        "ntp",
+        nts=True,
+        note="chronyd -x as an NTS server (ntsservercert/ntsserverkey, same "
+        "certificate kind), local stratum 10; load as udptime ntp + NTS",
     ),
     Variant(
         CEILING,
@@ -496,11 +527,12 @@ def unsupported(variant: Variant, help_text: str) -> str | None:
         return "udptime --help shows no --format option"
     if not re.search(rf"\b{re.escape(variant.fmt)}\b", formats.split(":", 1)[-1]):
         return f"installed udptime has no --format {variant.fmt} (its --help: {formats.strip()!r})"
-    for arg in variant.extra_args:
-        if arg.startswith("--"):
-            name = arg.split("=", 1)[0]
-            if not option_block(help_text, name):
-                return f"installed udptime has no {name} option"
+    options = [a.split("=", 1)[0] for a in variant.extra_args if a.startswith("--")]
+    if variant.nts:
+        options += ["--nts-ke", "--tls-cert", "--tls-key", "--nts-keys"]
+    for name in options:
+        if not option_block(help_text, name):
+            return f"installed udptime has no {name} option"
     return None
 
 
@@ -528,33 +560,59 @@ class Server:
     workdir: Path
     log: Path
     ready_s: float = 0.0
+    #: NTS rows: the NTS-KE port, the request file and what NTS-KE gave.
+    ke_port: int | None = None
+    payload_file: Path | None = None
+    nts: dict[str, Any] | None = None
 
 
-def chronyd_config(workdir: Path, host: str, port: int) -> Path:
+def chronyd_config(
+    workdir: Path, host: str, port: int, ke_port: int | None = None
+) -> Path:
     conf = workdir / "chronyd.conf"
-    conf.write_text(
-        "\n".join(
-            [
-                f"port {port}",
-                f"bindaddress {host}",
-                "allow 127.0.0.0/8",
-                "local stratum 10",
-                "cmdport 0",
-                "bindcmdaddress /",
-                f"pidfile {workdir / 'chronyd.pid'}",
-                f"driftfile {workdir / 'chronyd.drift'}",
-                "",
-            ]
-        )
-    )
+    lines = [
+        f"port {port}",
+        f"bindaddress {host}",
+        "allow 127.0.0.0/8",
+        "local stratum 10",
+        "cmdport 0",
+        "bindcmdaddress /",
+        f"pidfile {workdir / 'chronyd.pid'}",
+        f"driftfile {workdir / 'chronyd.drift'}",
+    ]
+    if ke_port is not None:
+        lines += [
+            f"ntsservercert {workdir / 'nts-cert.pem'}",
+            f"ntsserverkey {workdir / 'nts-key.pem'}",
+            f"ntsport {ke_port}",
+            f"ntsdumpdir {workdir}",
+        ]
+    conf.write_text("\n".join([*lines, ""]))
     return conf
 
 
 def server_command(
-    variant: Variant, host: str, port: int, workdir: Path, twistd: str
+    variant: Variant,
+    host: str,
+    port: int,
+    workdir: Path,
+    twistd: str,
+    ke_port: int | None = None,
 ) -> list[str]:
     py = sys.executable
     if variant.kind == "udptime":
+        nts: list[str] = []
+        if ke_port is not None:
+            nts = [
+                "--nts-ke",
+                f"{host}:{ke_port}",
+                "--tls-cert",
+                str(workdir / "nts-cert.pem"),
+                "--tls-key",
+                str(workdir / "nts-key.pem"),
+                "--nts-keys",
+                str(workdir / "nts-keys.json"),
+            ]
         return [
             twistd,
             "-n",
@@ -567,6 +625,7 @@ def server_command(
             "--format",
             variant.fmt,
             *variant.extra_args,
+            *nts,
         ]
     if variant.kind == "recipe_socketserver":
         return [py, str(SERVERS / "recipe_socketserver.py"), str(port)]
@@ -581,7 +640,7 @@ def server_command(
         cmd = [chronyd, "-x", "-d"]
         if os.geteuid() == 0:
             cmd += ["-u", "root"]  # keep root: the temp dir's files stay ours
-        return [*cmd, "-f", str(chronyd_config(workdir, host, port))]
+        return [*cmd, "-f", str(chronyd_config(workdir, host, port, ke_port))]
     raise ValueError(f"unknown server kind {variant.kind!r}")
 
 
@@ -590,7 +649,42 @@ def missing_tool(variant: Variant) -> str | None:
         shutil.which("chronyd") or os.access("/usr/sbin/chronyd", os.X_OK)
     ):
         return "chronyd is not installed (apt-get install chrony)"
+    if variant.nts:
+        try:
+            import nts_load  # noqa: F401  (pyOpenSSL, cryptography, udptime.nts)
+        except ImportError as exc:
+            return f"no NTS-KE client for the load: {exc}"
+    if variant.kind == "chronyd" and variant.nts:
+        chronyd = shutil.which("chronyd") or "/usr/sbin/chronyd"
+        version = run_text([chronyd, "-v"])
+        if "+NTS" not in version:
+            return f"chronyd was built without NTS ({version or 'no version output'})"
     return None
+
+
+def free_tcp_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def nts_setup(server: Server) -> None:
+    """One NTS-KE session against *server*, then its request file, checked."""
+    from nts_load import NtsLoadError, prepare
+
+    assert server.ke_port is not None
+    path = server.workdir / "nts-requests.bin"
+    try:
+        server.nts = prepare(
+            server.host,
+            server.ke_port,
+            server.port,
+            server.workdir / "nts-cert.pem",
+            path,
+        )
+    except NtsLoadError as exc:
+        raise StartError(f"NTS: {exc}") from None
+    server.payload_file = path
 
 
 @contextmanager
@@ -599,8 +693,15 @@ def running_server(
 ) -> Iterator[Server]:
     workdir = Path(tempfile.mkdtemp(prefix="udptime-bench-"))
     port = port if port is not None else free_udp_port()
+    ke_port = None
+    if variant.nts:
+        from nts_load import make_certificate
+
+        make_certificate(workdir)
+        ke_port = free_tcp_port(host)
     cmd = pin(
-        variant.cpus or SERVER_CPU, server_command(variant, host, port, workdir, twistd)
+        variant.cpus or SERVER_CPU,
+        server_command(variant, host, port, workdir, twistd, ke_port),
     )
     log = workdir / "server.log"
     quiet_stdout = variant.kind in ("recipe_socketserver", "recipe_socket")
@@ -612,12 +713,14 @@ def running_server(
             stdout=subprocess.DEVNULL if quiet_stdout else log_file,
             stderr=log_file,
         )
-    server = Server(variant, proc, host, port, cmd, workdir, log)
+    server = Server(variant, proc, host, port, cmd, workdir, log, ke_port=ke_port)
     try:
         try:
             server.ready_s = wait_ready(
                 proc, host, port, variant.payload, deadline=20.0
             )
+            if variant.nts:
+                nts_setup(server)
         except StartError as exc:
             PROCS.stop(proc)
             raise StartError(f"{exc}; log: {tail(log) or '(empty)'}") from None
@@ -664,6 +767,8 @@ def loadgen_command(
         cmd += ["--sources", str(sources), "--source-base", SOURCE_BASE]
     if rate > 0:
         cmd += ["--rate", f"{rate:.0f}"]
+    if server.payload_file is not None:
+        cmd += ["--payload-file", str(server.payload_file)]
     return pin(LOAD_CPU, cmd)
 
 
@@ -714,7 +819,13 @@ def measure(server: Server, profile: Profile, sources: int) -> dict[str, Any]:
         sources=sources,
     )
     latency = run_loadgen(lat_cmd, timeout=profile.latency_duration + 15)
+    naks = int(throughput.get("nts_nak", 0))
+    if server.variant.nts and naks > 0.01 * max(1, int(throughput["replies"])):
+        raise RuntimeError(
+            f"{naks} of {throughput['replies']} replies under load were NTS NAKs"
+        )
     return {
+        "nts": server.nts,
         "throughput": throughput,
         "server_cpu_pct": server_cpu,
         "other_cpu_pct": other_cpu,
@@ -983,6 +1094,7 @@ def ratios(rows: dict[str, Row]) -> dict[str, dict[str, float | None]]:
         return round(rate / b, 3) if rate is not None and b else None
 
     recipe, ceiling, chrony = base(RECIPE), base(CEILING), base(CHRONYD)
+    plain, chrony_nts = base(UDPTIME_NTP), base(CHRONYD_NTS)
     out: dict[str, dict[str, float | None]] = {}
     for name, row in rows.items():
         rate = row.rate if row.status == "ok" else None
@@ -991,6 +1103,9 @@ def ratios(rows: dict[str, Row]) -> dict[str, dict[str, float | None]]:
             "vs_c_ceiling": div(rate, ceiling),
             "vs_chronyd": div(rate, chrony) if row.variant.payload == "ntp" else None,
         }
+        if row.variant.nts:
+            out[name]["vs_udptime_ntp"] = div(rate, plain)
+            out[name]["vs_chronyd_nts"] = div(rate, chrony_nts)
     return out
 
 
@@ -1059,6 +1174,48 @@ def accuracy_cells(entry: dict[str, Any], phase: str) -> str:
         f"| {chronyd_q} | {sntp_median} | {fmt_offset(sntp.get('max_abs_s'))} "
         f"| {sntp.get('samples', '–')} |"
     )
+
+
+def nts_table(
+    rows: dict[str, Row], rat: dict[str, dict[str, float | None]]
+) -> list[str]:
+    """Authenticated NTP (NTS) against plain udptime NTP and chronyd's NTS."""
+    nts_rows = [(n, r) for n, r in rows.items() if r.variant.nts and r.status == "ok"]
+    if not nts_rows:
+        return []
+    lines = [
+        "",
+        "## NTS: authenticated NTP replies",
+        "",
+        (
+            "One NTS-KE session per server, then 64 authenticated requests (own "
+            "Unique Identifier, one cookie, no placeholders; each checked once to "
+            "get an authenticated reply, not a NAK) replayed by the load "
+            "generator; the servers keep no per-request state, so every request "
+            "is opened, checked and answered with a fresh cookie."
+        ),
+        "",
+        (
+            "| server | replies/s | × udptime ntp | × chronyd + NTS | request bytes "
+            "| reply bytes | NTS NAKs | server CPU | RTT p50 µs | RTT p99 µs |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in nts_rows:
+        best = row.best
+        assert best is not None
+        tp = best["throughput"]
+        lat = row.best_latency or {}
+        r = rat[name]
+        lines.append(
+            f"| {name} | {fmt_num(row.rate)} | {fmt_ratio(r.get('vs_udptime_ntp'))} "
+            f"| {fmt_ratio(r.get('vs_chronyd_nts'))} "
+            f"| {fmt_num(tp.get('request_bytes_mean'))} "
+            f"| {fmt_num(tp.get('reply_bytes_mean'))} | {tp.get('nts_nak', '–')} "
+            f"| {fmt_num(best['server_cpu_pct'], '.0f')}% "
+            f"| {fmt_num(lat.get('p50'), '.0f')} | {fmt_num(lat.get('p99'), '.0f')} |"
+        )
+    return lines
 
 
 def markdown(report: dict[str, Any], rows: dict[str, Row]) -> str:
@@ -1157,6 +1314,7 @@ def markdown(report: dict[str, Any], rows: dict[str, Row]) -> str:
                     for r in row.rounds
                 )
                 lines.append(f"- {name}: {per}")
+    lines += nts_table(rows, rat)
     lines += ["", "## Targets (reported, not asserted)", ""]
     lines += ["| row | ratio | target | measured |", "|---|---|---:|---:|"]
     for name, key, target in TARGETS:
@@ -1456,6 +1614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "name": name,
                 "kind": row.variant.kind,
                 "payload": row.variant.payload,
+                "nts": row.variant.nts,
                 "note": row.variant.note,
                 "status": row.status,
                 "reason": row.reason,
