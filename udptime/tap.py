@@ -16,7 +16,6 @@ from udptime.listener import DEFAULT_RECEIVE_BUFFER, TimeListener
 from udptime.listenspec import (
     SYSTEMD,
     ListenSpec,
-    ListenSpecError,
     parse_host,
     parse_listen,
     parse_port,
@@ -43,21 +42,8 @@ from udptime.workers import WorkerSupervisor
 DEFAULT_PORT = 20000
 
 
-def _coerce(parse: Any) -> Any:
-    """Turn a parser's ``ListenSpecError`` into the ``UsageError`` twistd prints."""
-
-    def coerce(text: str) -> Any:
-        try:
-            return parse(text)
-        except ListenSpecError as exc:
-            raise usage.UsageError(str(exc)) from None
-
-    coerce.coerceDoc = getattr(parse, "coerceDoc", "")  # type: ignore[attr-defined]
-    return coerce
-
-
-def _policy_value(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """Report a policy parser's ``ValueError`` as the ``UsageError`` twistd prints."""
+def _usage(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Report a parser's ``ValueError`` as the one-line ``UsageError`` twistd prints."""
 
     def coerce(text: str) -> Any:
         try:
@@ -142,7 +128,7 @@ class Options(usage.Options):
         ],
     ]
     optParameters: ClassVar[list[list[Any]]] = [
-        ["port", "p", DEFAULT_PORT, "UDP port to serve.", _coerce(parse_port)],
+        ["port", "p", DEFAULT_PORT, "UDP port to serve.", _usage(parse_port)],
         [
             "interface",
             "i",
@@ -151,7 +137,7 @@ class Options(usage.Options):
                 "Address to bind: default all IPv4; '::' serves IPv6 (and IPv4 "
                 "where the OS maps it)."
             ),
-            _coerce(parse_host),
+            _usage(parse_host),
         ],
         ["format", "f", "ctime", "Reply format: " + ", ".join(format_names()) + "."],
         [
@@ -183,7 +169,7 @@ class Options(usage.Options):
                 "Per-source limit RATE/BURST: replies a second and bucket size per "
                 "IPv4 address or IPv6 /64, or 'off'."
             ),
-            _policy_value(parse_rate_limit),
+            _usage(parse_rate_limit),
         ],
         [
             "rate-limit-leak",
@@ -193,7 +179,7 @@ class Options(usage.Options):
                 "Answer every Nth request over the limit anyway (0: off), so a "
                 "spoofed victim is not shut out completely."
             ),
-            _policy_value(_count),
+            _usage(_count),
         ],
         [
             "rate-limit-table",
@@ -203,7 +189,7 @@ class Options(usage.Options):
                 "Most sources the rate limiter tracks; the least recently seen is "
                 "evicted (memory stays bounded under floods from many sources)."
             ),
-            _policy_value(_positive),
+            _usage(_positive),
         ],
         [
             "loop-ports",
@@ -213,7 +199,7 @@ class Options(usage.Options):
                 "Source ports the text formats never answer (echo, daytime, qotd, "
                 "chargen, time: services that answer anything); port 0 never is."
             ),
-            _policy_value(_ports),
+            _usage(_ports),
         ],
         [
             "receive-buffer",
@@ -224,7 +210,7 @@ class Options(usage.Options):
                 "net.core.rmem_max; 0 keeps the kernel default): bursts wait "
                 "instead of being dropped."
             ),
-            _policy_value(_count),
+            _usage(_count),
         ],
         [
             "metrics",
@@ -234,14 +220,14 @@ class Options(usage.Options):
                 "Serve Prometheus metrics on [HOST:]PORT at /metrics (a bare port "
                 "binds 127.0.0.1). Off by default."
             ),
-            _policy_value(parse_metrics_address),
+            _usage(parse_metrics_address),
         ],
         [
             "summary-interval",
             None,
             60,
             "Seconds between summary log lines (counts per listener); 0: none.",
-            _policy_value(_count),
+            _usage(_count),
         ],
         [
             "workers",
@@ -252,7 +238,7 @@ class Options(usage.Options):
                 "source on one worker). This process serves too and restarts dead "
                 "workers."
             ),
-            _policy_value(_positive),
+            _usage(_positive),
         ],
         [
             "refid",
@@ -274,18 +260,15 @@ class Options(usage.Options):
 
     def opt_allow(self, value: str) -> None:
         """Serve only these networks (CIDR, IPv4 or IPv6); repeatable."""
-        self["allow"].append(_policy_value(parse_cidr)(value))
+        self["allow"].append(_usage(parse_cidr)(value))
 
     def opt_deny(self, value: str) -> None:
         """Never serve these networks (CIDR); repeatable; deny wins over allow."""
-        self["deny"].append(_policy_value(parse_cidr)(value))
+        self["deny"].append(_usage(parse_cidr)(value))
 
     def opt_listen(self, value: str) -> None:
         """FORMAT@[HOST:]PORT, FORMAT@[IPV6]:PORT, FORMAT@systemd:N; repeatable."""
-        try:
-            fmt, host, port = parse_listen(value)
-        except ListenSpecError as exc:
-            raise usage.UsageError(str(exc)) from None
+        fmt, host, port = _usage(parse_listen)(value)
         self["listen"].append(ListenSpec(fmt, host, port))
 
     def parseOptions(self, options: list[str] | None = None) -> None:
@@ -301,7 +284,7 @@ class Options(usage.Options):
         # usage.Options coerces given values only; defaults arrive as text.
         for key, parse in (("rate-limit", parse_rate_limit), ("loop-ports", _ports)):
             if isinstance(self[key], str):
-                self[key] = _policy_value(parse)(self[key])
+                self[key] = _usage(parse)(self[key])
         if not self["listen"]:
             self["listen"] = [
                 ListenSpec(self["format"], self["interface"], self["port"])
