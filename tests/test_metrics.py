@@ -6,9 +6,10 @@ import json
 import socket
 import time
 import urllib.request
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.logger import ILogObserver
 from twisted.trial import unittest
 
 from tests.support import Twistd, free_udp_port, poll_until_answered
@@ -185,3 +186,38 @@ class PieceTests(unittest.TestCase):
         self.assertEqual(records[0]["message"], "x 3")
         self.assertEqual(records[0]["n"], 3)
         self.assertTrue(records[1]["thing"].startswith("<object"))
+
+
+class SummaryTests(unittest.TestCase):
+    def test_counts_since_the_last_line_first_after_one_interval(self) -> None:
+        from twisted.internet.task import Clock
+        from twisted.logger import globalLogPublisher
+
+        from udptime.counters import Counters
+        from udptime.metrics import ListenerStats
+        from udptime.summary import SummaryService
+
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        clock = Clock()
+        counters = Counters()
+        summary = SummaryService(
+            60, lambda: [ListenerStats("time", "0.0.0.0", 37, counters)], clock
+        )
+        summary.startService()
+        self.addCleanup(summary.stopService)
+
+        def lines() -> list[dict[str, Any]]:
+            return [e for e in events if e.get("summary")]
+
+        self.assertEqual(lines(), [])
+        counters.received += 7
+        counters.answered += 5
+        clock.advance(60)
+        counters.received += 2
+        clock.advance(60)
+        self.assertEqual([e["received"] for e in lines()], [7, 2])
+        self.assertEqual([e["answered"] for e in lines()], [5, 0])
+        self.assertEqual(lines()[0]["port"], 37)

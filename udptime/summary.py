@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from twisted.application.internet import TimerService
+from twisted.application import service
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from udptime.metrics import ListenerStats
 
 
-class SummaryService(TimerService):
+class SummaryService(service.Service):
     """Every *interval* seconds, log each listener's counts since the last line.
 
     Operators read these to see that a server is alive and what it faces
@@ -24,12 +26,23 @@ class SummaryService(TimerService):
         self,
         interval: float,
         listeners: Callable[[], list[ListenerStats]],
-        clock: object,
+        clock: Any,
     ) -> None:
-        super().__init__(interval, self.summarise)  # type: ignore[no-untyped-call]
-        self.clock = clock
+        self.step = interval
         self._listeners = listeners
         self._last: dict[tuple[str, str, int, str], dict[str, int]] = {}
+        self._loop = LoopingCall(self.summarise)
+        self._loop.clock = clock
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        # The first line comes after one interval: zeros at start-up say nothing.
+        self._loop.start(self.step, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._loop.running:
+            self._loop.stop()
 
     def summarise(self) -> None:
         for stats in self._listeners():
