@@ -245,3 +245,86 @@ class PolicyInFrontTests(unittest.TestCase):
             + counters.denied
             + counters.ignored,
         )
+
+
+class FakeBatch:
+    """What ``TimeProtocol.answer_batch`` reads from a ``BatchSocket``, as plain lists."""
+
+    def __init__(self, items: list[tuple[bytes, bytes, int, float]]) -> None:
+        self.items = items
+        self.truncated_count = 0
+        self.sent: list[bytes | None] = []
+
+    def sources(self, n: int) -> tuple[list[bytes], list[int]]:
+        return [i[1] for i in self.items[:n]], [i[2] for i in self.items[:n]]
+
+    def received(self, n: int) -> list[float]:
+        return [i[3] for i in self.items[:n]]
+
+    def data(self, n: int) -> list[bytes]:
+        return [i[0] for i in self.items[:n]]
+
+    def truncated(self, n: int) -> list[int]:
+        return []
+
+    def send(self, replies: list[bytes | None], stamp: Any, unstamped: Any) -> int:
+        self.sent = list(replies)
+        return 0
+
+
+class BatchPathTests(unittest.TestCase):
+    """The fast path decides exactly as the portable path, datagram for datagram."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        name=st.sampled_from(["ctime", "daytime", "time"]),
+        items=st.lists(
+            st.tuples(
+                st.sampled_from([b"", b"x", b"\x00\x00\x00\x01", b"hello" * 5]),
+                st.sampled_from(
+                    [b"\xc0\x00\x02\x01", b"\xc0\x00\x02\x02", b"\x0a\x00\x00\x01"]
+                ),
+                st.sampled_from([0, 7, 40000]),
+            ),
+            min_size=1,
+            max_size=64,
+        ),
+        limited=st.booleans(),
+    )
+    def test_same_as_one_by_one(
+        self, name: str, items: list[tuple[bytes, bytes, int]], limited: bool
+    ) -> None:
+        def policy() -> Policy:
+            return Policy(
+                rate_limit=RateLimit(1, 3) if limited else None, deny=["10.0.0.0/8"]
+            )
+
+        batched, _, clock = make(name, policy=policy())
+        single, _, _ = make(name, policy=policy())
+        moment = clock.seconds()
+        batch = FakeBatch([(d, a, p, moment) for d, a, p in items])
+        batched.answer_batch(batch, len(items))  # type: ignore[arg-type]
+        one_by_one = [single.answer(d, a, p, moment) for d, a, p in items]
+        # Nothing to send, no sendmmsg at all.
+        self.assertEqual(batch.sent, one_by_one if any(one_by_one) else [])
+        expected = single.counters.snapshot()
+        expected["answered"] = len(one_by_one) - one_by_one.count(None)
+        self.assertEqual(batched.counters.snapshot(), expected)
+
+    def test_a_raising_responder_costs_only_its_datagram(self) -> None:
+        def responder(request: bytes, moment: float) -> bytes:
+            if request == b"bad":
+                raise ValueError("boom")
+            return b"ok"
+
+        fmt = Format("odd", lambda s: responder, echoes_anything=True, summary="")
+        proto = TimeProtocol(fmt, responder, Clock())
+        items = [
+            (b"a", b"\xc0\x00\x02\x01", 4000, 0.0),
+            (b"bad", b"\xc0\x00\x02\x02", 4000, 0.0),
+        ]
+        batch = FakeBatch(items + [(b"c", b"\xc0\x00\x02\x03", 4000, 0.0)])
+        proto.answer_batch(batch, 3)  # type: ignore[arg-type]
+        self.assertEqual(batch.sent, [b"ok", None, b"ok"])
+        self.assertEqual(proto.counters.errors, 1)
+        self.assertEqual(proto.counters.answered, 2)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import repeat
 from typing import Any
 
@@ -129,21 +129,7 @@ class TimeProtocol(DatagramProtocol):
             )
             if verdict is not ANSWER:
                 return self._refuse(verdict, datagram, packed, port)
-        try:
-            reply = respond(datagram, received)
-        except Exception as exc:  # noqa: BLE001 - one bad datagram must not stop the listener
-            self.counters.errors += 1
-            self.throttled_error(
-                "building a reply failed: {error!r}", exc, packed, port
-            )
-            return None
-        if reply is None:
-            self.counters.ignored += 1
-        if self.verbose:
-            self._log_request(
-                datagram, packed, port, "answered" if reply else "ignored"
-            )
-        return reply
+        return self._answer_one(respond, datagram, packed, port, received)
 
     def answer_batch(self, batch: BatchSocket, n: int) -> None:
         """The Linux fast path: answer *n* datagrams received into *batch*.
@@ -168,9 +154,7 @@ class TimeProtocol(DatagramProtocol):
             # it ignores. Text replies do not depend on the content.
             cut = set(batch.truncated(n))
             data = tuple(b"" if i in cut else d for i, d in enumerate(data))
-        replies = list(
-            map(self._decide, repeat(respond, n), data, addrs, ports, received)
-        )
+        replies = self._decide_batch(respond, data, addrs, ports, received)
         count = n - replies.count(None)
         if not count:
             return
@@ -196,6 +180,81 @@ class TimeProtocol(DatagramProtocol):
             for reply, moment in zip(replies, received, strict=True):
                 if reply is not None:
                     latency.observe(sent - moment)
+
+    def _decide_batch(
+        self,
+        respond: Responder,
+        data: Sequence[bytes],
+        addrs: Sequence[bytes],
+        ports: Sequence[int],
+        received: Sequence[float],
+    ) -> list[bytes | None]:
+        """:meth:`_decide` for a whole batch, in a few C-level loops.
+
+        Under load nearly every datagram is admitted and answered, so the
+        common case is one ``map`` over the policy and one over the
+        responder; anything else (refusals, a responder that raises,
+        ``--verbose``) takes the per-datagram path for the datagrams concerned.
+        """
+        n = len(data)
+        policy = self.policy
+        if self.verbose:
+            return list(
+                map(self._decide, repeat(respond, n), data, addrs, ports, received)
+            )
+        if policy is not None:
+            verdicts = list(
+                map(
+                    policy.admit,
+                    addrs,
+                    ports,
+                    received,
+                    repeat(self._kiss is not None, n),
+                    repeat(self._echoes, n),
+                )
+            )
+            if verdicts.count(ANSWER) != n:
+                return [
+                    self._answer_one(respond, d, a, p, t)
+                    if v is ANSWER
+                    else self._refuse(v, d, a, p)
+                    for v, d, a, p, t in zip(verdicts, data, addrs, ports, received)
+                ]
+        try:
+            replies: list[bytes | None] = list(map(respond, data, received))
+        except Exception:  # noqa: BLE001 - redone one by one below, errors counted there
+            return list(
+                map(self._answer_one, repeat(respond, n), data, addrs, ports, received)
+            )
+        ignored = replies.count(None)
+        if ignored:
+            self.counters.ignored += ignored
+        return replies
+
+    def _answer_one(
+        self,
+        respond: Responder,
+        datagram: bytes,
+        packed: bytes,
+        port: int,
+        received: float,
+    ) -> bytes | None:
+        """The responder's part of :meth:`_decide`, for an admitted datagram."""
+        try:
+            reply = respond(datagram, received)
+        except Exception as exc:  # noqa: BLE001 - one bad datagram must not stop the listener
+            self.counters.errors += 1
+            self.throttled_error(
+                "building a reply failed: {error!r}", exc, packed, port
+            )
+            return None
+        if reply is None:
+            self.counters.ignored += 1
+        if self.verbose:
+            self._log_request(
+                datagram, packed, port, "answered" if reply else "ignored"
+            )
+        return reply
 
     def _transmit_stamp(self) -> bytes:
         return to_ntp(self._clock.seconds())
