@@ -8,16 +8,16 @@ the server opens the cookie, checks the authenticator and seals a reply with
 a fresh cookie for every one of them.
 
 The NTS-KE client is pyOpenSSL, as Python's ``ssl`` cannot export keying
-material (RFC 5705). Record and extension-field encoding come from
-``udptime.nts``; nothing here depends on the test suite.
+material (RFC 5705); it, the certificate and the request building are
+shared with the tests in :mod:`udptime.nts.testing`. Record and
+extension-field encoding come from ``udptime.nts``; nothing here depends on
+the test suite.
 """
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import os
-import select
 import socket
 import struct
 import time
@@ -25,20 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
-from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
 from udptime.nts import extensions as ext
 from udptime.nts import records as rec
+from udptime.nts import testing
+from udptime.nts.cookies import CookieKeys
 
-ALPN = b"ntske/1"
-EXPORTER_LABEL = b"EXPORTER-network-time-security"
 AEAD = rec.AEAD_AES_SIV_CMAC_256
-KEY_LENGTH = 32  # AES-SIV-CMAC-256
 #: Requests written to the payload file; the load generator cycles over them.
 DEFAULT_REQUESTS = 64
 #: The sample check sends each request from its own address in this /16, so
@@ -55,8 +50,7 @@ class KeSession:
     """What one NTS-KE session gave: records, cookies, the two AEAD keys."""
 
     records: list[rec.Record]
-    c2s: bytes
-    s2c: bytes
+    keys: CookieKeys
     seconds: float
 
     @property
@@ -68,122 +62,23 @@ class KeSession:
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A self-signed P-256 certificate for localhost and 127.0.0.1, and its key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
+    """The server's self-signed certificate and key, named as the server
+    configurations expect them."""
+    return testing.make_certificate(
+        directory, cert_name="nts-cert.pem", key_name="nts-key.pem"
     )
-    cert_path = directory / "nts-cert.pem"
-    key_path = directory / "nts-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    os.chmod(key_path, 0o600)
-    return cert_path, key_path
-
-
-def _wait(sock: socket.socket, deadline: float, write: bool = False) -> None:
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise TimeoutError("NTS-KE session timed out")
-    if write:
-        select.select([], [sock], [], remaining)
-    else:
-        select.select([sock], [], [], remaining)
 
 
 def ke_session(host: str, port: int, cafile: Path, timeout: float = 10.0) -> KeSession:
     """One NTS-KE session (TLS 1.3, ALPN ntske/1, NTPv4 and AES-SIV-CMAC-256)."""
     t0 = time.monotonic()
-    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
-    context.set_min_proto_version(SSL.TLS1_3_VERSION)
-    context.load_verify_locations(str(cafile))
-    context.set_verify(SSL.VERIFY_PEER, lambda conn, cert, errno, depth, ok: bool(ok))
-    context.set_alpn_protos([ALPN])
-    sock = socket.create_connection((host, port), timeout)
-    sock.setblocking(False)
-    deadline = time.monotonic() + timeout
-    conn = SSL.Connection(context, sock)
-    conn.set_tlsext_host_name(b"localhost")
-    conn.set_connect_state()
     try:
-        while True:
-            try:
-                conn.do_handshake()
-                break
-            except SSL.WantReadError:
-                _wait(sock, deadline)
-        if conn.get_alpn_proto_negotiated() != ALPN:
-            raise NtsLoadError("the NTS-KE server did not select ALPN ntske/1")
-        data = rec.encode_records(
-            [
-                rec.next_protocol([rec.PROTOCOL_NTPV4]),
-                rec.aead_algorithm([AEAD]),
-                rec.end_of_message(),
-            ]
+        result = testing.ke_session(
+            port, cafile, host=host, timeout=timeout, strict=True
         )
-        while data:
-            try:
-                sent = conn.send(data)
-            except SSL.WantWriteError:
-                _wait(sock, deadline, write=True)
-                continue
-            except SSL.WantReadError:
-                _wait(sock, deadline)
-                continue
-            data = data[sent:]
-        raw = b""
-        while True:
-            try:
-                chunk = conn.recv(65536)
-            except SSL.WantReadError:
-                _wait(sock, deadline)
-                continue
-            except (SSL.ZeroReturnError, SSL.SysCallError):
-                break
-            if not chunk:
-                break
-            raw += chunk
-            parsed = rec.parse_message(raw)
-            if parsed is not None:
-                break  # End of Message seen: no need to wait for the close
-        context_bytes = rec.u16(rec.PROTOCOL_NTPV4) + rec.u16(AEAD)
-        c2s = conn.export_keying_material(
-            EXPORTER_LABEL, KEY_LENGTH, context_bytes + b"\x00"
-        )
-        s2c = conn.export_keying_material(
-            EXPORTER_LABEL, KEY_LENGTH, context_bytes + b"\x01"
-        )
-    finally:
-        sock.close()
-    parsed = rec.parse_message(raw)
-    if parsed is None:
-        raise NtsLoadError(f"incomplete NTS-KE response ({len(raw)} bytes)")
-    return KeSession(parsed[0], c2s, s2c, time.monotonic() - t0)
+    except testing.KeError as exc:
+        raise NtsLoadError(str(exc)) from None
+    return KeSession(result.records, result.keys, time.monotonic() - t0)
 
 
 def check_session(session: KeSession, ntp_port: int) -> None:
@@ -201,14 +96,6 @@ def check_session(session: KeSession, ntp_port: int) -> None:
     if ports and ports != [rec.u16(ntp_port)]:
         told = [int.from_bytes(p, "big") for p in ports]
         raise NtsLoadError(f"NTS-KE names NTP port {told}, the server uses {ntp_port}")
-
-
-def nts_request(session: KeSession, cookie: bytes, unique_id: bytes) -> bytes:
-    """An authenticated NTPv4 client request: one cookie, no placeholders."""
-    header = bytes([4 << 3 | 3, 0, 6]) + bytes(37) + os.urandom(8)
-    return ext.build_request(
-        header, unique_id, cookie, AESSIV(session.c2s), os.urandom(16)
-    )
 
 
 def write_payload_file(path: Path, datagrams: list[bytes]) -> None:
@@ -236,7 +123,7 @@ def check_reply(
         except TimeoutError:
             raise NtsLoadError("no reply to an authenticated request") from None
     try:
-        opened = ext.open_response(reply, AESSIV(session.s2c), unique_id)
+        opened = ext.open_response(reply, AESSIV(session.keys.s2c), unique_id)
     except ext.ExtensionError as exc:
         raise NtsLoadError(
             f"reply of {len(reply)} bytes is not a valid NTS reply: {exc}"
@@ -285,7 +172,10 @@ def prepare(
     for i in range(count):
         unique_id = os.urandom(32)
         requests.append(
-            (nts_request(session, cookies[i % len(cookies)], unique_id), unique_id)
+            (
+                testing.nts_request(session.keys, cookies[i % len(cookies)], unique_id),
+                unique_id,
+            )
         )
     base = int(ipaddress.IPv4Address(CHECK_SOURCE_BASE))
     reply_lengths: set[int] = set()
