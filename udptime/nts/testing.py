@@ -1,0 +1,203 @@
+"""Helpers for tests and benchmarks of NTS, not used by the server itself
+(like :mod:`twisted.internet.testing`): a self-signed certificate, a blocking
+NTS-KE client on pyOpenSSL (it can export keying material, Python's ``ssl``
+cannot) and authenticated NTP requests."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import select
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+
+from udptime.nts import extensions as ext
+from udptime.nts import records as rec
+from udptime.nts.cookies import CookieKeys
+from udptime.nts.ke import ALPN, EXPORTER_LABEL
+
+
+class KeError(Exception):
+    """A strict :func:`ke_session` refused the exchange; the message says why."""
+
+
+def make_certificate(
+    directory: Path, *, cert_name: str = "cert.pem", key_name: str = "key.pem"
+) -> tuple[Path, Path]:
+    """A self-signed P-256 certificate for localhost and 127.0.0.1, and its
+    key, written to *directory* as *cert_name* and *key_name*."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path = directory / cert_name
+    key_path = directory / key_name
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    os.chmod(key_path, 0o600)
+    return cert_path, key_path
+
+
+def default_request() -> bytes:
+    """A client's KE request: NTPv4, AES-SIV-CMAC-256, End of Message."""
+    return rec.encode_records(
+        [
+            rec.next_protocol([rec.PROTOCOL_NTPV4]),
+            rec.aead_algorithm([rec.AEAD_AES_SIV_CMAC_256]),
+            rec.end_of_message(),
+        ]
+    )
+
+
+@dataclass
+class KeResult:
+    """What a KE session gave: the raw response, its records, exported keys."""
+
+    raw: bytes
+    records: list[rec.Record]
+    keys: CookieKeys
+
+    @property
+    def cookies(self) -> list[bytes]:
+        return [r.body for r in self.records if r.type == rec.NEW_COOKIE]
+
+
+def _wait(sock: socket.socket, deadline: float, write: bool = False) -> None:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError("NTS-KE client timed out")
+    if write:
+        select.select([], [sock], [], remaining)
+    else:
+        select.select([sock], [], [], remaining)
+
+
+def ke_session(
+    port: int,
+    cafile: Path,
+    request: bytes | None = None,
+    *,
+    alpn: list[bytes] | None = None,  # [] offers no ALPN at all
+    host: str = "127.0.0.1",
+    timeout: float = 10.0,
+    strict: bool = False,
+) -> KeResult:
+    """One NTS-KE session as a client; ``SSL.Error`` when TLS refuses it.
+
+    The response is read until the server closes. With *strict*, a server
+    that did not select ALPN ``ntske/1`` or whose response is incomplete is a
+    :class:`KeError`, and reading stops at End of Message."""
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.set_min_proto_version(SSL.TLS1_3_VERSION)
+    context.load_verify_locations(str(cafile))
+    context.set_verify(SSL.VERIFY_PEER, lambda conn, cert, errno, depth, ok: bool(ok))
+    offered = [ALPN] if alpn is None else alpn
+    if offered:
+        context.set_alpn_protos(offered)
+    sock = socket.create_connection((host, port), timeout)
+    sock.setblocking(False)
+    deadline = time.monotonic() + timeout
+    conn = SSL.Connection(context, sock)
+    conn.set_tlsext_host_name(b"localhost")
+    conn.set_connect_state()
+    try:
+        while True:
+            try:
+                conn.do_handshake()
+                break
+            except SSL.WantReadError:
+                _wait(sock, deadline)
+        if strict and conn.get_alpn_proto_negotiated() != ALPN:
+            raise KeError("the NTS-KE server did not select ALPN ntske/1")
+        data = default_request() if request is None else request
+        while data:
+            try:
+                sent = conn.send(data)
+            except SSL.WantWriteError:
+                _wait(sock, deadline, write=True)
+                continue
+            except SSL.WantReadError:
+                _wait(sock, deadline)
+                continue
+            data = data[sent:]
+        raw = b""
+        while True:
+            try:
+                chunk = conn.recv(65536)
+            except SSL.WantReadError:
+                _wait(sock, deadline)
+                continue
+            except (SSL.ZeroReturnError, SSL.SysCallError):
+                break
+            if not chunk:
+                break
+            raw += chunk
+            if strict and rec.parse_message(raw) is not None:
+                break  # End of Message seen: no need to wait for the close
+        context_bytes = rec.u16(rec.PROTOCOL_NTPV4) + rec.u16(rec.AEAD_AES_SIV_CMAC_256)
+        keys = CookieKeys(
+            rec.AEAD_AES_SIV_CMAC_256,
+            conn.export_keying_material(EXPORTER_LABEL, 32, context_bytes + b"\x00"),
+            conn.export_keying_material(EXPORTER_LABEL, 32, context_bytes + b"\x01"),
+        )
+    finally:
+        sock.close()
+    parsed = rec.parse_message(raw)
+    if strict and parsed is None:
+        raise KeError(f"incomplete NTS-KE response ({len(raw)} bytes)")
+    records = parsed[0] if parsed is not None else []
+    return KeResult(raw, records, keys)
+
+
+def client_header(transmit: bytes = b"") -> bytes:
+    """An NTPv4 client header; a random transmit timestamp unless given."""
+    return bytes([4 << 3 | 3, 0, 6]) + bytes(37) + (transmit or os.urandom(8))
+
+
+def nts_request(
+    keys: CookieKeys, cookie: bytes, unique_id: bytes, placeholders: int = 0
+) -> bytes:
+    """An authenticated NTPv4 client request carrying *cookie*."""
+    return ext.build_request(
+        client_header(),
+        unique_id,
+        cookie,
+        AESSIV(keys.c2s),
+        os.urandom(16),
+        placeholders=placeholders,
+    )
