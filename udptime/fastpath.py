@@ -496,16 +496,20 @@ class BatchSocket:
         queue and tries once more, returning 0 if that fails too. Only
         errors about the socket itself (``EBADF``, ``ENOTSOCK``, ...) raise.
         """
+        n = self._receive_once()
+        return n if n > 0 else self._receive_failed()
+
+    def _receive_once(self) -> int:
+        """One ``recvmmsg`` into freshly reset slots; its raw result."""
         if self._rx_reset:
             self._memmove(self._base, self._rx_template, self._rx_reset)
-        n = self._recvmmsg(self._fd, self._base, self.batch, _RECV_FLAGS, None)
+        n: int = self._recvmmsg(self._fd, self._base, self.batch, _RECV_FLAGS, None)
         if n > 0:
             self._lengths = self._lengths_structs[n].unpack_from(self._mem)
             if not self.timestamps:
                 self._now = self._clock()
             self.received_count += n
-            return n
-        return self._receive_failed()
+        return n
 
     def _receive_failed(self) -> int:
         err = self._get_errno()
@@ -518,14 +522,8 @@ class BatchSocket:
             self.receive_errors += 1
             self.last_errno = err
             self._drain_error_queue()
-        if self._rx_reset:
-            self._memmove(self._base, self._rx_template, self._rx_reset)
-        n = self._recvmmsg(self._fd, self._base, self.batch, _RECV_FLAGS, None)
+        n = self._receive_once()
         if n > 0:
-            self._lengths = self._lengths_structs[n].unpack_from(self._mem)
-            if not self.timestamps:
-                self._now = self._clock()
-            self.received_count += n
             return n
         err = self._get_errno()
         if err not in _WOULD_BLOCK:
