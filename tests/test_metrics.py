@@ -13,8 +13,9 @@ from twisted.logger import ILogObserver
 from twisted.trial import unittest
 
 from tests.support import Twistd, free_udp_port, poll_until_answered
+from udptime.counters import LatencyHistogram
 from udptime.formats import encode_ctime
-from udptime.metrics import LatencyHistogram, parse_metrics_address
+from udptime.metrics import parse_metrics_address
 
 
 def free_tcp_port() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import asdict, dataclass
 
 
@@ -28,3 +29,46 @@ class Counters:
 
     def snapshot(self) -> dict[str, int]:
         return asdict(self)
+
+
+#: Receive-to-send latency buckets, seconds: 10 us to 100 ms.
+LATENCY_BUCKETS = (
+    1e-5,
+    2.5e-5,
+    5e-5,
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    1e-2,
+    2.5e-2,
+    1e-1,
+)
+
+
+class LatencyHistogram:
+    """Bucket counts of receive-to-send time, as plain integers."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """Prometheus buckets: cumulative counts with ``le`` labels, ``+Inf`` last."""
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            out.append(
+                ("+Inf" if bound == float("inf") else repr(bound), float(running))
+            )
+        return out

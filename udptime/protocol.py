@@ -11,11 +11,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger, LogLevel
 
-from udptime.counters import Counters
+from udptime.counters import Counters, LatencyHistogram
 from udptime.fastpath import BatchSocket
 from udptime.formats import Format, Responder
 from udptime.logthrottle import LogThrottle
-from udptime.metrics import LatencyHistogram
 from udptime.ntp import KISS_DENY, KISS_RATE, PACKET_SIZE, to_ntp
 from udptime.policy import (
     ANSWER,
@@ -61,6 +60,7 @@ class TimeProtocol(DatagramProtocol):
         self._respond = responder
         self._kiss = fmt.kiss
         self._echoes = fmt.echoes_anything
+        self._can_kiss = fmt.kiss is not None
         #: kernel receive timestamps and a late transmit stamp (NTP)
         self.stamps_time = fmt.stamps_time
         #: per-batch responder factory of the fast path, where the format has one
@@ -124,9 +124,7 @@ class TimeProtocol(DatagramProtocol):
     ) -> bytes | None:
         policy = self.policy
         if policy is not None:
-            verdict = policy.admit(
-                packed, port, received, self._kiss is not None, self._echoes
-            )
+            verdict = policy.admit(packed, port, received, self._can_kiss, self._echoes)
             if verdict is not ANSWER:
                 return self._refuse(verdict, datagram, packed, port)
         return self._answer_one(respond, datagram, packed, port, received)
@@ -209,7 +207,7 @@ class TimeProtocol(DatagramProtocol):
                     addrs,
                     ports,
                     received,
-                    repeat(self._kiss is not None, n),
+                    repeat(self._can_kiss, n),
                     repeat(self._echoes, n),
                 )
             )

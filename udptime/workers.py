@@ -34,9 +34,9 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
-from udptime.counters import Counters
+from udptime.counters import Counters, LatencyHistogram
 from udptime.listener import TimeListener, bind_socket
-from udptime.metrics import LatencyHistogram, ListenerStats
+from udptime.metrics import ListenerStats
 
 #: Seconds between a worker's death and its replacement.
 RESTART_DELAY = 1.0
