@@ -11,11 +11,12 @@ the machine out of the comparison as far as it can.
 
 Modes:
   ceiling      bench/servers/ceiling.c: C recvmmsg/sendmmsg, the machine's limit
-  loop         BatchSocket in a plain poll() loop, no reactor
-  fast         FastReader under Twisted's reactor, the responder called per datagram
-  fast-shared  fast, the responder called once per batch: a ctime reply depends
+  loop         udptime.mmsg Receiver/Sender in a plain poll() loop, no reactor,
+               the text responder's batch call
+  fast         the same (kept as a name for older result files)
+  fast-shared  the responder called once per batch: a ctime reply depends
                on the second alone, and without kernel stamps a batch has one
-  fast-ts      fast, with SO_TIMESTAMPNS kernel receive stamps
+  fast-ts      loop, with SO_TIMESTAMPNS kernel receive stamps
   fast-policy  fast-ts, plus udptime.policy admission per datagram
   ntp-ts       fast-ts answering NTP (loadgen --payload ntp), transmit stamped
                once per batch just before sendmmsg
@@ -70,9 +71,10 @@ def _ready() -> None:
 
 
 def serve(mode: str, port: int) -> None:
-    from udptime.formats import SecondCache, encode_ctime
+    from udptime.formats import encode_ctime
+    from udptime.responders.text import TextResponder
 
-    respond = SecondCache(encode_ctime)
+    text = TextResponder(encode_ctime)
 
     if mode == "twisted":
         from twisted.internet import reactor
@@ -82,25 +84,27 @@ def serve(mode: str, port: int) -> None:
             noisy = False
 
             def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-                self.transport.write(respond(datagram, time.time()), addr)
+                self.transport.write(text.answer(datagram, time.time_ns()), addr)
 
         reactor.listenUDP(port, Ctime(), interface="127.0.0.1", maxPacketSize=2048)
         reactor.callWhenRunning(_ready)
         reactor.run()
         return
 
-    from udptime.fastpath import BatchSocket, FastReader
+    from udptime.mmsg.receive import Receiver
+    from udptime.mmsg.send import Sender
 
     sock = _bound(port)
     timestamps = mode in ("fast-ts", "fast-policy", "ntp-ts")
-    bs = BatchSocket(sock, timestamps=timestamps)
+    receiver = Receiver(sock, timestamps=timestamps, clock_ns=time.time_ns)
+    sender = Sender(receiver)
     calls = [0]
 
     def report(signum: int, frame: Any) -> None:
         stats = {
-            "received": bs.received_count,
-            "sent": bs.sent_count,
-            "dropped": bs.dropped_count,
+            "received": receiver.received_count,
+            "sent": sender.sent_count,
+            "dropped": sender.dropped_count,
             "batches": calls[0],
         }
         sys.stdout.write(json.dumps(stats) + "\n")
@@ -109,24 +113,6 @@ def serve(mode: str, port: int) -> None:
 
     signal.signal(signal.SIGTERM, report)
 
-    if mode == "loop":
-        import select
-
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
-        receive, data, received, send = bs.receive, bs.data, bs.received, bs.send
-        full = bs.batch
-        _ready()
-        while True:
-            poller.poll()
-            while n := receive():
-                calls[0] += 1
-                send(list(map(respond, data(n), received(n))))
-                if n < full:
-                    break
-
-    from twisted.internet import reactor
-
     handler: Any
     stamp = None
     if mode == "fast-policy":
@@ -134,45 +120,48 @@ def serve(mode: str, port: int) -> None:
 
         admit = Policy(RateLimit(1e9, 10**9)).admit
 
-        def handler(s: BatchSocket, n: int) -> list[bytes | None]:
-            addrs, ports = s.sources(n)
+        def handler(r: Receiver, n: int) -> list[bytes | None]:
+            addrs, ports = r.sources(n)
+            now = time.time()
             return [
-                respond(d, t) if admit(a, p, t, False, True) is ANSWER else None
-                for d, a, p, t in zip(s.data(n), addrs, ports, s.received(n))
+                text.answer(d, t) if admit(a, p, now, False, True) is ANSWER else None
+                for d, a, p, t in zip(r.data(n), addrs, ports, r.received_ns(n))
             ]
 
     elif mode == "ntp-ts":
-        from udptime.formats import Settings
-        from udptime.ntp import make_responder, to_ntp
+        from udptime.ntp import ServerState
+        from udptime.responders.ntp import NtpResponder
 
-        respond_ns = make_responder(Settings()).respond_ns
+        state = ServerState(0, 10, -20, 0.0, 0.01, b"LOCL", None)
+        ntp = NtpResponder(lambda: state, time.time_ns)
+        stamp = ntp.stamp
 
-        def handler(s: BatchSocket, n: int) -> list[bytes | None]:
-            return list(map(respond_ns, s.data(n), s.received_ns(n)))
-
-        def stamp() -> bytes:
-            return to_ntp(time.time())
+        def handler(r: Receiver, n: int) -> list[bytes | None]:
+            return ntp.answer_batch(r.data(n), r.received_ns(n))[0]
 
     elif mode == "fast-shared":
 
-        def handler(s: BatchSocket, n: int) -> list[bytes | None]:
-            return [respond(b"", s.received(1)[0])] * n
+        def handler(r: Receiver, n: int) -> list[bytes | None]:
+            return [text.answer(b"", r.received_ns(1)[0])] * n
 
     else:
 
-        def handler(s: BatchSocket, n: int) -> list[bytes | None]:
-            return list(map(respond, s.data(n), s.received(n)))
+        def handler(r: Receiver, n: int) -> list[bytes | None]:
+            return text.answer_batch(r.data(n), r.received_ns(n))[0]
 
-    def counted(s: BatchSocket, n: int) -> list[bytes | None]:
-        calls[0] += 1
-        return handler(s, n)  # type: ignore[no-any-return]
+    import select
 
-    reader = FastReader(bs, counted, reactor, stamp=stamp)
-    reader.startReading()
-    # After Twisted's own signal handlers are in place: ours reports and exits.
-    reactor.callWhenRunning(signal.signal, signal.SIGTERM, report)
-    reactor.callWhenRunning(_ready)
-    reactor.run()
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    full = receiver.batch
+    _ready()
+    while True:
+        poller.poll()
+        while n := receiver.receive():
+            calls[0] += 1
+            sender.send(handler(receiver, n), stamp)
+            if n < full:
+                break
 
 
 # -- driver --------------------------------------------------------------------

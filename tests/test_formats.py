@@ -13,13 +13,12 @@ from twisted.trial import unittest
 
 from udptime.formats import (
     EPOCH_1900_TO_1970,
-    SecondCache,
     encode_ctime,
     encode_daytime,
     encode_time,
-    format_names,
-    get_format,
 )
+from udptime.registry import Context, format_names, get_format
+from udptime.responders.text import TextResponder
 
 
 def utc(*args: int) -> int:
@@ -143,7 +142,10 @@ class CtimeFormatTests(unittest.TestCase):
         self.assertEqual(encode_ctime(0), b"Thu Jan  1 09:00:00 1970")
 
 
-class SecondCacheTests(unittest.TestCase):
+S = 1_000_000_000
+
+
+class TextResponderTests(unittest.TestCase):
     def test_encodes_once_per_second(self) -> None:
         calls: list[float] = []
 
@@ -151,20 +153,50 @@ class SecondCacheTests(unittest.TestCase):
             calls.append(moment)
             return str(moment).encode()
 
-        cached = SecondCache(encode)
-        self.assertEqual(cached(b"", 10.1), b"10")
-        self.assertEqual(cached(b"x", 10.9), b"10")
-        self.assertEqual(cached(b"", 11.0), b"11")
+        cached = TextResponder(encode)
+        self.assertEqual(cached.answer(b"", 10 * S + S // 10), b"10")
+        self.assertEqual(cached.answer(b"x", 10 * S + 9 * S // 10), b"10")
+        self.assertEqual(cached.answer(b"", 11 * S), b"11")
         self.assertEqual(calls, [10, 11])
+
+    def test_batch_within_a_second_is_one_reply(self) -> None:
+        cached = TextResponder(encode_time)
+        replies, complete = cached.answer_batch([b"", b"abc", b"x" * 100], [S, S, S])
+        self.assertEqual(replies, [encode_time(1)] * 3)
+        self.assertEqual(list(complete), [])
+
+    def test_batch_across_a_second_matches_one_by_one(self) -> None:
+        cached = TextResponder(encode_time)
+        times = [S - 1, S, 2 * S - 1]
+        replies, _ = cached.answer_batch([b"", b"", b""], times)
+        self.assertEqual(replies, [encode_time(0), encode_time(1), encode_time(1)])
+
+    @given(
+        st.lists(st.tuples(st.binary(max_size=30), st.integers(0, 3 * S)), max_size=70)
+    )
+    def test_batch_equals_one_by_one(self, batch: list[tuple[bytes, int]]) -> None:
+        requests = [r for r, _ in batch]
+        times = [t for _, t in batch]
+        one = TextResponder(encode_time)
+        replies, _ = TextResponder(encode_time).answer_batch(requests, times)
+        self.assertEqual(replies, [one.answer(r, t) for r, t in batch])
+
+    def test_a_time_reply_is_not_answered(self) -> None:
+        cached = TextResponder(encode_ctime)
+        echo = encode_ctime(1000)
+        self.assertIsNone(cached.answer(echo, 1000 * S))
+        replies, _ = cached.answer_batch([b"", echo], [1000 * S, 1000 * S])
+        self.assertEqual(replies, [encode_ctime(1000), None])
 
 
 class RegistryTests(unittest.TestCase):
     def test_text_formats_registered(self) -> None:
+        context = Context(wall_clock_ns=lambda: 0, clock_state=lambda: NotImplemented)
         for name in ("ctime", "daytime", "time"):
             self.assertIn(name, format_names())
             fmt = get_format(name)
             self.assertEqual(fmt.name, name)
-            self.assertTrue(fmt.echoes_anything)
+            self.assertTrue(fmt.make_responder(context).echoes_anything)
 
     def test_unknown_format_names_the_known_ones(self) -> None:
         with self.assertRaises(KeyError) as caught:

@@ -14,17 +14,15 @@ from twisted.trial import unittest
 
 from udptime import clockstate
 from udptime.clockstate import KernelClock
-from udptime.formats import EPOCH_1900_TO_1970, Settings, get_format
+from udptime.formats import EPOCH_1900_TO_1970
 from udptime.ntp import (
     KISS_DENY,
     KISS_RATE,
-    NtpResponder,
     Request,
     ServerState,
     build_kiss,
     build_reply,
     from_ntp,
-    make_responder,
     ns_from_ntp,
     ntp_from_ns,
     parse_request,
@@ -33,6 +31,8 @@ from udptime.ntp import (
     short_format,
     to_ntp,
 )
+from udptime.registry import Context, get_format
+from udptime.responders.ntp import NtpResponder
 
 #: 2036-02-07T06:28:16Z, where NTP era 1 begins.
 ERA_1 = 2**32 - EPOCH_1900_TO_1970
@@ -357,14 +357,17 @@ class KissTests(unittest.TestCase):
         self.assertRaises(ValueError, build_kiss, request, b"\xffATE")
 
 
-class FakeClock:
-    """A wall clock that logs its reads into a shared journal."""
+NOW_NS = 1_700_000_000_250_000_000
 
-    def __init__(self, journal: list[str], now: float = NOW + 0.001) -> None:
+
+class FakeClock:
+    """A wall clock (POSIX nanoseconds) that logs its reads into a shared journal."""
+
+    def __init__(self, journal: list[str], now: int = NOW_NS + 1_000_000) -> None:
         self.journal = journal
         self.now = now
 
-    def __call__(self) -> float:
+    def __call__(self) -> int:
         self.journal.append("clock")
         return self.now
 
@@ -384,36 +387,41 @@ class ResponderTests(unittest.TestCase):
     def expected(self, data: bytes, receive: bytes) -> bytes:
         request = parse_request(data)
         assert request is not None
-        return build_reply(request, self.state, receive, to_ntp(self.clock.now))
+        return build_reply(request, self.state, receive, ntp_from_ns(self.clock.now))
 
     def test_registered(self) -> None:
         fmt = get_format("ntp")
-        self.assertFalse(fmt.echoes_anything)
-        responder = fmt.make_responder(
-            Settings(wall_clock=self.clock, extra={"clock_state": self.provide})
-        )
+        self.assertTrue(fmt.receive_timestamps)
+        responder = fmt.make_responder(Context(self.clock, self.provide))
+        self.assertFalse(responder.echoes_anything)
+        self.assertTrue(responder.late_stamp)
         data = request_bytes()
-        self.assertEqual(responder(data, NOW), self.expected(data, to_ntp(NOW)))
+        self.assertEqual(
+            responder.answer(data, NOW_NS), self.expected(data, ntp_from_ns(NOW_NS))
+        )
 
     def test_transmit_read_last(self) -> None:
-        reply = self.responder(request_bytes(), NOW)
+        reply = self.responder.answer(request_bytes(), NOW_NS)
         assert reply is not None
         self.assertEqual(self.journal, ["state", "clock"])
-        self.assertEqual(reply[32:40], to_ntp(NOW))
-        self.assertEqual(reply[40:48], to_ntp(self.clock.now))
+        self.assertEqual(reply[32:40], ntp_from_ns(NOW_NS))
+        self.assertEqual(reply[40:48], ntp_from_ns(self.clock.now))
 
     def test_ignored_reads_no_clock(self) -> None:
-        self.assertIsNone(self.responder(request_bytes(mode=4), NOW))
-        self.assertIsNone(self.responder(b"x" * 47, NOW))
+        self.assertIsNone(self.responder.answer(request_bytes(mode=4), NOW_NS))
+        self.assertIsNone(self.responder.answer(b"x" * 47, NOW_NS))
         self.assertNotIn("clock", self.journal)
 
     def test_state_change(self) -> None:
         data = request_bytes()
-        self.responder(data, NOW)
+        self.responder.answer(data, NOW_NS)
+        expected = self.expected
         self.state = ServerState(1, 3, -10, 0.0, 0.1, b"LOCL", NOW)
-        self.assertEqual(self.responder(data, NOW), self.expected(data, to_ntp(NOW)))
+        got = self.responder.answer(data, NOW_NS)
+        self.assertEqual(got, expected(data, ntp_from_ns(NOW_NS)))
         self.state = ServerState(1, 3, -10, 0.0, 0.1, b"LOCL", NOW)  # equal, not same
-        self.assertEqual(self.responder(data, NOW), self.expected(data, to_ntp(NOW)))
+        got = self.responder.answer(data, NOW_NS)
+        self.assertEqual(got, expected(data, ntp_from_ns(NOW_NS)))
 
     def test_bad_min_poll(self) -> None:
         self.assertRaises(
@@ -423,36 +431,57 @@ class ResponderTests(unittest.TestCase):
             ValueError, NtpResponder, self.provide, self.clock, min_poll=18
         )
 
+    def test_stamp_is_the_wall_clock(self) -> None:
+        self.assertEqual(self.responder.stamp(), ntp_from_ns(self.clock.now))
+
+    def test_refusals_are_kisses(self) -> None:
+        data = request_bytes()
+        kiss = self.responder.refuse(data, KISS_RATE)
+        assert kiss is not None
+        self.assertEqual((fields(kiss)[3], fields(kiss)[8]), (0, b"RATE"))
+        self.assertIsNone(self.responder.refuse(b"junk", KISS_DENY))
+
     @given(st.binary(max_size=2048))
     def test_fuzz_matches_reference(self, data: bytes) -> None:
-        reply = self.responder(data, NOW)
+        reply = self.responder.answer(data, NOW_NS)
         request = parse_request(data)
         if request is None:
             self.assertIsNone(reply)
         else:
-            self.assertEqual(reply, self.expected(data, to_ntp(NOW)))
+            self.assertEqual(reply, self.expected(data, ntp_from_ns(NOW_NS)))
 
     @given(
         st.binary(min_size=48, max_size=64), st.integers(0, 255), st.integers(0, 255)
     )
     def test_fuzz_headers(self, data: bytes, first: int, poll: int) -> None:
         data = bytes((first, data[1], poll)) + data[3:]
-        reply = self.responder(data, NOW)
+        reply = self.responder.answer(data, NOW_NS)
         self.assertEqual(reply is None, parse_request(data) is None)
         if reply is not None:
-            self.assertEqual(reply, self.expected(data, to_ntp(NOW)))
+            self.assertEqual(reply, self.expected(data, ntp_from_ns(NOW_NS)))
 
 
-class MakeResponderTests(unittest.TestCase):
-    """``settings.extra`` options, with the kernel reader replaced."""
+class ClockStateResponderTests(unittest.TestCase):
+    """The responder fed by the kernel's clock state, the reader replaced."""
 
     def setUp(self) -> None:
         self.kernel: KernelClock | None = None
-        self.patch(clockstate, "read_kernel_clock", lambda: self.kernel)
 
-    def reply(self, **extra: object) -> tuple[int | bytes, ...]:
-        responder = make_responder(Settings(wall_clock=lambda: NOW, extra=dict(extra)))
-        reply = responder(request_bytes(), NOW)
+    def reply(
+        self,
+        stratum: int = 2,
+        local_stratum: int | None = None,
+        refid: bytes = clockstate.DEFAULT_REFID,
+    ) -> tuple[int | bytes, ...]:
+        state = clockstate.ClockStateCache(
+            lambda: NOW,
+            lambda: self.kernel,
+            stratum=stratum,
+            local_stratum=local_stratum,
+            refid=refid,
+        )
+        responder = NtpResponder(state, lambda: NOW_NS)
+        reply = responder.answer(request_bytes(), NOW_NS)
         assert reply is not None
         return fields(reply)
 
@@ -466,38 +495,41 @@ class MakeResponderTests(unittest.TestCase):
 
     def test_synchronised(self) -> None:
         self.kernel = KernelClock(clockstate.TIME_OK, 0, 2000, 100)
-        got = self.reply(stratum=3, refid="192.0.2.9")
+        got = self.reply(stratum=3, refid=refid_from_text("192.0.2.9"))
         self.assertEqual((got[0], got[3], got[8]), (0, 3, b"\xc0\x00\x02\x09"))
         self.assertEqual(got[9], to_ntp(NOW))
         self.assertEqual(self.reply(refid=b"GPS\0")[8], b"GPS\0")
 
-    def test_bad_options(self) -> None:
-        for extra in (
-            {"stratum": 0},
-            {"stratum": 16},
-            {"stratum": True},
-            {"stratum": "2"},
-            {"local_stratum": 16},
-            {"refid": b"ABCDE"},
-            {"refid": 7},
-        ):
-            self.assertRaises(ValueError, self.reply, **extra)
-        self.assertRaises(TypeError, self.reply, clock_state=42)
+    def test_bad_values(self) -> None:
+        self.assertRaises(ValueError, self.reply, stratum=0)
+        self.assertRaises(ValueError, self.reply, stratum=16)
+        self.assertRaises(ValueError, self.reply, local_stratum=16)
+        self.assertRaises(ValueError, self.reply, refid=b"ABCDE")
 
 
 class BatchResponderTests(unittest.TestCase):
-    """The fast path's per-batch responder: same reply, transmit left to the sender."""
+    """A batch: the same replies, transmit left for the sender's late stamp."""
 
-    @given(st.binary(min_size=0, max_size=120), st.floats(0, 4e9))
+    @given(
+        st.lists(
+            st.tuples(st.binary(min_size=0, max_size=120), st.integers(0, 2**63)),
+            max_size=70,
+        )
+    )
     def test_matches_plain_responder_but_transmit(
-        self, request: bytes, moment: float
+        self, batch: list[tuple[bytes, int]]
     ) -> None:
-        responder = make_responder(Settings(extra={"local_stratum": 10}))
-        plain = responder(request, moment)
-        batched = responder.batch()(request, moment)
-        if plain is None:
-            self.assertIsNone(batched)
-        else:
-            assert batched is not None
-            self.assertEqual(batched[:40], plain[:40])
-            self.assertEqual(batched[40:], bytes(8))
+        local = ServerState(0, 10, -20, 0.0, 0.01, b"LOCL", NOW)
+        responder = NtpResponder(lambda: local, lambda: NOW_NS)
+        replies, complete = responder.answer_batch(
+            [r for r, _ in batch], [t for _, t in batch]
+        )
+        self.assertEqual(list(complete), [])
+        for (request, moment), batched in zip(batch, replies, strict=True):
+            plain = responder.answer(request, moment)
+            if plain is None:
+                self.assertIsNone(batched)
+            else:
+                assert batched is not None
+                self.assertEqual(batched[:40], plain[:40])
+                self.assertEqual(batched[40:], bytes(8))

@@ -13,8 +13,8 @@ import ntplib
 from twisted.trial import unittest
 
 from tests.support import Twistd, free_udp_port, poll_until_answered, query
-from udptime import fastpath
 from udptime.clockstate import read_kernel_clock
+from udptime.mmsg import libc as mmsg_libc
 from udptime.ntp import to_ntp
 
 CHRONYD = shutil.which("chronyd") or "/usr/sbin/chronyd"
@@ -104,7 +104,7 @@ class NtplibTests(unittest.TestCase):
         assert answer is not None
         self.assertEqual(len(answer[0]), 48)
         big = query("127.0.0.1", port, client_request() + bytes(3000), 0.3)
-        if fastpath.available():
+        if mmsg_libc.available():
             # Longer than the fast path's 2,048-byte slots: never half-read.
             self.assertIsNone(big)
         else:

@@ -10,13 +10,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from udptime.formats import Settings
-from udptime.ntp import NtpResponder, ServerState, to_ntp
+from udptime.ntp import ServerState, ntp_from_ns
 from udptime.nts import extensions as ext
 from udptime.nts.cookies import CookieKeys, KeyStore, MasterKey
-from udptime.nts.responder import NtsResponder, nts_responder_factory
+from udptime.nts.responder import NtsResponder
+from udptime.registry import Context, get_format
+from udptime.responders.ntp import NtpResponder
 
 NOW = 1_700_000_000.0
+NOW_NS = 1_700_000_000_000_000_000
 STATE = ServerState(0, 10, -20, 0.0, 0.001, b"LOCL", NOW - 100)
 KEYS = CookieKeys(15, os.urandom(32), os.urandom(32))
 
@@ -230,12 +232,15 @@ class ResponderTests(unittest.TestCase):
         self.now = NOW
         self.store = KeyStore(None, lambda: self.now)
         self.store.load()
-        self.ntp = NtpResponder(lambda: STATE, lambda: self.now + 0.001)
+        self.ntp = NtpResponder(lambda: STATE, self.clock_ns)
         self.responder = NtsResponder(self.ntp, self.store)
         self.client = Client(self.store)
 
+    def clock_ns(self) -> int:
+        return round((self.now + 0.001) * 1e9)
+
     def reply(self, request: bytes) -> bytes:
-        reply = self.responder(request, self.now)
+        reply = self.responder.answer(request, NOW_NS)
         assert reply is not None
         return reply
 
@@ -249,30 +254,60 @@ class ResponderTests(unittest.TestCase):
         self.assertEqual(self.store.open(opened.cookies[0]), KEYS)
         self.assertNotEqual(opened.cookies[0], self.client.cookie)
         # The header is the plain NTP reply's.
-        plain = self.ntp(request[:48], self.now)
+        plain = self.ntp.answer(request[:48], NOW_NS)
         assert plain is not None
         self.assertEqual(reply[:48], plain)
         self.assertEqual(reply[24:32], request[40:48])
         self.assertEqual(self.responder.counters.authenticated, 1)
 
     def test_batch_responder(self) -> None:
-        self.assertTrue(NtsResponder.long_replies)
-        respond = self.responder.batch()
+        self.assertTrue(self.responder.late_stamp)
         request = self.client.request()
-        reply = respond(request, NOW)
-        assert reply is not None
-        ext.open_response(reply, self.client.s2c, self.client.unique_id)
-        self.assertEqual(reply[40:48], to_ntp(self.now + 0.001))  # stamped, sealed
         plain = header()
-        batch = getattr(self.ntp, "batch", None)
-        expected = batch()(plain, NOW) if batch is not None else self.ntp(plain, NOW)
-        self.assertEqual(respond(plain, NOW), expected)
         forged = bytearray(request)
         forged[-1] ^= 1
-        nak = respond(bytes(forged), NOW)
+        batch = [request, plain, bytes(forged), request + bytes(16)]
+        replies, complete = self.responder.answer_batch(batch, [NOW_NS] * 4)
+        self.assertEqual(sorted(complete), [0, 2])
+        reply = replies[0]
+        assert reply is not None
+        ext.open_response(reply, self.client.s2c, self.client.unique_id)
+        self.assertEqual(reply[40:48], ntp_from_ns(self.clock_ns()))  # stamped, sealed
+        expected, _ = self.ntp.answer_batch([plain], [NOW_NS])
+        self.assertEqual(replies[1], expected[0])
+        nak = replies[2]
         assert nak is not None
         self.assertEqual(nak[12:16], b"NTSN")
-        self.assertIsNone(respond(request + bytes(16), NOW))
+        self.assertIsNone(replies[3])
+
+    def test_refusals_to_nts_requests_are_authenticated_kisses(self) -> None:
+        for code in (b"RATE", b"DENY"):
+            request = self.client.request()
+            kiss = self.responder.refuse(request, code)
+            assert kiss is not None
+            self.assertEqual((kiss[1], kiss[12:16]), (0, code))
+            self.assertEqual(kiss[0] >> 6, 3)
+            self.assertLessEqual(len(kiss), len(request))
+            opened = ext.open_response(kiss, self.client.s2c, self.client.unique_id)
+            self.assertFalse(opened.nak)
+            self.assertEqual(len(opened.cookies), 1)  # the spent cookie replaced
+            self.assertEqual(self.store.open(opened.cookies[0]), KEYS)
+
+    def test_refusal_with_a_bad_cookie_still_echoes_the_identifier(self) -> None:
+        request = bytearray(self.client.request())
+        request[-20] ^= 1
+        kiss = self.responder.refuse(bytes(request), b"RATE")
+        assert kiss is not None
+        self.assertEqual(kiss[12:16], b"RATE")
+        fields, _ = ext.parse_fields(kiss)
+        self.assertEqual([f.type for f in fields], [ext.UNIQUE_IDENTIFIER])
+        self.assertEqual(fields[0].body, self.client.unique_id)
+        self.assertEqual(self.responder.counters.naks, 0)
+
+    def test_refusal_to_plain_ntp_is_a_plain_kiss(self) -> None:
+        kiss = self.responder.refuse(header(), b"RATE")
+        assert kiss is not None
+        self.assertEqual((len(kiss), kiss[12:16]), (48, b"RATE"))
 
     def test_placeholders_get_cookies(self) -> None:
         for placeholders, encrypted, expected in (
@@ -343,15 +378,19 @@ class ResponderTests(unittest.TestCase):
             header() + bytes(20) + b"\x01" * 28,
             header(3) + ext.encode_field(ext.UNIQUE_IDENTIFIER, bytes(32)),
         ):
-            self.assertEqual(self.responder(request, NOW), self.ntp(request, NOW))
-        self.assertIsNone(self.responder(b"\x1b" + bytes(10), NOW))
-        self.assertIsNone(self.responder(bytes([4 << 3 | 4]) + bytes(100), NOW))
+            self.assertEqual(
+                self.responder.answer(request, NOW_NS), self.ntp.answer(request, NOW_NS)
+            )
+        self.assertIsNone(self.responder.answer(b"\x1b" + bytes(10), NOW_NS))
+        self.assertIsNone(
+            self.responder.answer(bytes([4 << 3 | 4]) + bytes(100), NOW_NS)
+        )
 
     def test_malformed_nts_dropped(self) -> None:
         request = self.client.request()
-        self.assertIsNone(self.responder(request + bytes(16), NOW))
+        self.assertIsNone(self.responder.answer(request + bytes(16), NOW_NS))
         cut = request[:48] + request[48 + 36 :]  # no unique identifier
-        self.assertIsNone(self.responder(cut, NOW))
+        self.assertIsNone(self.responder.answer(cut, NOW_NS))
         self.assertEqual(self.responder.counters.malformed, 2)
 
     def test_malformed_plaintext_dropped(self) -> None:
@@ -360,23 +399,23 @@ class ResponderTests(unittest.TestCase):
         request = associated + ext.encode_authenticator(
             self.client.c2s, associated, b"\x03\x04\x00\x09xxxxx", os.urandom(16)
         )
-        self.assertIsNone(self.responder(request, NOW))
+        self.assertIsNone(self.responder.answer(request, NOW_NS))
 
     @given(st.integers(48, 400), st.integers(0, 255))
     def test_corrupted_requests_never_raise(self, position: int, value: int) -> None:
         request = bytearray(self.client.request(placeholders=1))
         if position < len(request):
             request[position] = value
-        reply = self.responder(bytes(request), NOW)
+        reply = self.responder.answer(bytes(request), NOW_NS)
         if reply is not None:
             self.assertLessEqual(len(reply), len(request))
 
-    def test_factory(self) -> None:
-        responder = nts_responder_factory(self.store)(
-            Settings(wall_clock=lambda: NOW, extra={"local_stratum": 10})
-        )
+    def test_registry_wraps_ntp_when_nts_is_on(self) -> None:
+        local = ServerState(0, 10, -20, 0.0, 0.01, b"LOCL", NOW)
+        context = Context(self.clock_ns, lambda: local, nts_cookies=self.store)
+        responder = get_format("ntp").make_responder(context)
         self.assertIsInstance(responder, NtsResponder)
-        reply = responder(self.client.request(), NOW)
+        reply = responder.answer(self.client.request(), NOW_NS)
         assert reply is not None
         ext.open_response(reply, self.client.s2c, self.client.unique_id)
         self.assertEqual(reply[1], 10)

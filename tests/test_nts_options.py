@@ -18,7 +18,7 @@ from twisted.trial import unittest
 
 from tests.test_nts_support import make_certificate
 from udptime import tap
-from udptime.formats import Settings
+from udptime.ntp import ServerState
 from udptime.nts.cookies import DEFAULT_ROTATE
 from udptime.nts.ke import DEFAULT_KE_RATE_LIMIT
 from udptime.nts.options import (
@@ -31,6 +31,7 @@ from udptime.nts.options import (
 )
 from udptime.nts.responder import NtsResponder
 from udptime.policy import RateLimit
+from udptime.responders.ntp import NtpResponder
 
 
 class Options(tap.Options):
@@ -157,14 +158,14 @@ class CheckTests(unittest.TestCase):
 
     def test_services(self) -> None:
         options = self.parse(*self.nts())
-        services, factory = nts_services(options, reactor, 20123)
+        services, cookies = nts_services(options, reactor, 20123)
         self.assertEqual([s.name for s in services], ["nts-keys", "nts-ke"])
         keys, ke = services
         assert isinstance(keys, NtsKeysService) and isinstance(ke, KeService)
-        assert factory is not None
-        self.assertIsInstance(
-            factory(Settings(extra={"local_stratum": 10})), NtsResponder
-        )
+        assert cookies is not None
+        local = ServerState(0, 10, -20, 0.0, 0.01, b"LOCL", None)
+        ntp = NtpResponder(lambda: local, lambda: 0)
+        self.assertIsInstance(NtsResponder(ntp, cookies), NtsResponder)
         top = MultiService()
         for service in services:
             service.setServiceParent(top)
@@ -197,9 +198,9 @@ class CheckTests(unittest.TestCase):
 
     def test_workers_get_no_ke(self) -> None:
         options = self.parse(*self.nts())
-        services, factory = nts_services(options, reactor, 123, serve_ke=False)
+        services, cookies = nts_services(options, reactor, 123, serve_ke=False)
         self.assertEqual([s.name for s in services], ["nts-keys"])
-        self.assertIsNotNone(factory)
+        self.assertIsNotNone(cookies)
 
     def test_bind_failure_is_one_line(self) -> None:
         options = self.parse(*self.nts())

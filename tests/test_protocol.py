@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Collection, Sequence
 from typing import Any, cast
 
 from hypothesis import given, settings
@@ -12,34 +13,64 @@ from twisted.internet.testing import FakeDatagramTransport
 from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.trial import unittest
 
+from udptime.core import AnsweringCore
 from udptime.formats import (
-    Format,
-    Settings,
     encode_ctime,
     encode_daytime,
     encode_time,
-    get_format,
     looks_like_time_reply,
 )
+from udptime.ntp import ServerState
 from udptime.policy import DEFAULT_LOOP_PORTS, Policy, RateLimit
-from udptime.protocol import TimeProtocol
+from udptime.protocol import TimeProtocol, ns_clock
+from udptime.registry import Context, get_format
 
 CLIENT = ("192.0.2.7", 40000)
 CLIENT6 = ("2001:db8::1", 40001, 0, 0)
 
 
+LOCAL = ServerState(0, 10, -20, 0.0, 0.01, b"LOCL", 1_700_000_000.0)
+
+
 def make(
-    name: str = "ctime", when: float = 1_700_000_000.25, **kw: Any
+    name: str = "ctime",
+    when: float = 1_700_000_000.25,
+    *,
+    policy: Policy | None = None,
+    verbose: bool = False,
 ) -> tuple[TimeProtocol, FakeDatagramTransport, Clock]:
     clock = Clock()
     clock.advance(when)
-    fmt = get_format(name)
-    proto = TimeProtocol(
-        fmt, fmt.make_responder(Settings(wall_clock=clock.seconds)), clock, **kw
-    )
+    responder = get_format(name).make_responder(Context(ns_clock(clock), lambda: LOCAL))
+    core = AnsweringCore(responder, policy, verbose=verbose)
+    proto = TimeProtocol(name, core, clock)
     transport = FakeDatagramTransport()
     proto.makeConnection(transport)
     return proto, transport, clock
+
+
+class OddResponder:
+    """A text-like responder that raises on the request ``bad``."""
+
+    late_stamp = False
+    echoes_anything = True
+    kisses = False
+
+    def answer(self, request: bytes, received_ns: int) -> bytes | None:
+        if request == b"bad":
+            raise ValueError("boom")
+        return b"ok"
+
+    def answer_batch(
+        self, requests: Sequence[bytes], received_ns: Sequence[int]
+    ) -> tuple[list[bytes | None], Collection[int]]:
+        return [self.answer(r, t) for r, t in zip(requests, received_ns)], ()
+
+    def stamp(self) -> bytes:
+        raise NotImplementedError
+
+    def refuse(self, request: bytes, why: bytes) -> bytes | None:
+        return None
 
 
 class CapturedLog:
@@ -163,23 +194,18 @@ class ErrorTests(unittest.TestCase):
     def test_responder_error_is_counted_and_throttled(self) -> None:
         log = CapturedLog(self)
         clock = Clock()
-
-        def broken(request: bytes, moment: float) -> bytes:
-            raise ValueError("boom")
-
-        fmt = Format("broken", lambda s: broken, echoes_anything=True, summary="")
-        proto = TimeProtocol(fmt, broken, clock)
+        proto = TimeProtocol("odd", AnsweringCore(OddResponder(), None), clock)
         transport = FakeDatagramTransport()
         proto.makeConnection(transport)
         for _ in range(100):
-            proto.datagramReceived(b"", CLIENT)
+            proto.datagramReceived(b"bad", CLIENT)
         self.assertEqual(transport.written, [])
         self.assertEqual(proto.counters.errors, 100)
         warnings = log.at_least(LogLevel.warn)
         self.assertEqual(len(warnings), 5)
         self.assertEqual({e.get("log_failure") for e in warnings}, {None})
         clock.advance(61)
-        proto.datagramReceived(b"", CLIENT)
+        proto.datagramReceived(b"bad", CLIENT)
         warnings = log.at_least(LogLevel.warn)
         self.assertEqual(len(warnings), 6)
         self.assertEqual(warnings[-1]["suppressed"], 95)
@@ -247,40 +273,66 @@ class PolicyInFrontTests(unittest.TestCase):
         )
 
 
-class FakeBatch:
-    """What ``TimeProtocol.answer_batch`` reads from a ``BatchSocket``, as plain lists."""
+class FakeReceiver:
+    """What ``TimeProtocol.batch_received`` reads from a ``Receiver``, as lists."""
 
-    def __init__(self, items: list[tuple[bytes, bytes, int, float]]) -> None:
+    def __init__(self, items: list[tuple[bytes, bytes, int, int]]) -> None:
         self.items = items
-        self.truncated_count = 0
-        self.sent: list[bytes | None] = []
 
     def sources(self, n: int) -> tuple[list[bytes], list[int]]:
         return [i[1] for i in self.items[:n]], [i[2] for i in self.items[:n]]
 
-    def received(self, n: int) -> list[float]:
+    def received_ns(self, n: int) -> list[int]:
         return [i[3] for i in self.items[:n]]
 
     def data(self, n: int) -> list[bytes]:
         return [i[0] for i in self.items[:n]]
 
-    def truncated(self, n: int) -> list[int]:
-        return []
 
-    def send(self, replies: list[bytes | None], stamp: Any, unstamped: Any) -> int:
-        self.sent = list(replies)
+class FakeSender:
+    """Keeps what a ``Sender`` would have sent, the late stamp applied."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes | None] = []
+
+    def send(
+        self,
+        replies: list[bytes | None],
+        stamp: Any = None,
+        complete: Collection[int] = (),
+    ) -> int:
+        stamped = stamp() if stamp is not None else None
+        self.sent = [
+            r[:-8] + stamped if r is not None and stamped and i not in complete else r
+            for i, r in enumerate(replies)
+        ]
         return 0
 
 
+def ntp_request(poll: int = 6) -> bytes:
+    return bytes([0x23, 0, poll]) + bytes(37) + b"\x01\x02\x03\x04\x05\x06\x07\x08"
+
+
 class BatchPathTests(unittest.TestCase):
-    """The fast path decides exactly as the portable path, datagram for datagram."""
+    """The batch path decides exactly as the portable path, datagram for datagram."""
 
     @settings(max_examples=200, deadline=None)
     @given(
-        name=st.sampled_from(["ctime", "daytime", "time"]),
+        name=st.sampled_from(["ctime", "daytime", "time", "ntp"]),
         items=st.lists(
             st.tuples(
-                st.sampled_from([b"", b"x", b"\x00\x00\x00\x01", b"hello" * 5]),
+                st.sampled_from(
+                    [
+                        b"",
+                        b"x",
+                        b"\x00\x00\x00\x01",
+                        b"hello" * 5,
+                        ntp_request(),
+                        ntp_request(3),
+                        ntp_request()[:47],
+                        b"\x1c" + ntp_request()[1:],
+                    ]
+                ),
                 st.sampled_from(
                     [b"\xc0\x00\x02\x01", b"\xc0\x00\x02\x02", b"\x0a\x00\x00\x01"]
                 ),
@@ -290,41 +342,58 @@ class BatchPathTests(unittest.TestCase):
             max_size=64,
         ),
         limited=st.booleans(),
+        deny_kiss=st.booleans(),
     )
     def test_same_as_one_by_one(
-        self, name: str, items: list[tuple[bytes, bytes, int]], limited: bool
+        self,
+        name: str,
+        items: list[tuple[bytes, bytes, int]],
+        limited: bool,
+        deny_kiss: bool,
     ) -> None:
         def policy() -> Policy:
             return Policy(
-                rate_limit=RateLimit(1, 3) if limited else None, deny=["10.0.0.0/8"]
+                rate_limit=RateLimit(1, 3) if limited else None,
+                deny=["10.0.0.0/8"],
+                deny_kiss=deny_kiss,
             )
 
         batched, _, clock = make(name, policy=policy())
         single, _, _ = make(name, policy=policy())
-        moment = clock.seconds()
-        batch = FakeBatch([(d, a, p, moment) for d, a, p in items])
-        batched.answer_batch(batch, len(items))  # type: ignore[arg-type]
-        one_by_one = [single.answer(d, a, p, moment) for d, a, p in items]
+        moment = round(clock.seconds() * 1e9)
+        sender = FakeSender()
+        receiver = FakeReceiver([(d, a, p, moment) for d, a, p in items])
+        batched.batch_received(receiver, sender, len(items))  # type: ignore[arg-type]
+        one_by_one = [
+            single.core.answer(d, a, p, moment, clock.seconds()) for d, a, p in items
+        ]
         # Nothing to send, no sendmmsg at all.
-        self.assertEqual(batch.sent, one_by_one if any(one_by_one) else [])
+        self.assertEqual(sender.sent, one_by_one if any(one_by_one) else [])
         expected = single.counters.snapshot()
         expected["answered"] = len(one_by_one) - one_by_one.count(None)
         self.assertEqual(batched.counters.snapshot(), expected)
 
     def test_a_raising_responder_costs_only_its_datagram(self) -> None:
-        def responder(request: bytes, moment: float) -> bytes:
-            if request == b"bad":
-                raise ValueError("boom")
-            return b"ok"
-
-        fmt = Format("odd", lambda s: responder, echoes_anything=True, summary="")
-        proto = TimeProtocol(fmt, responder, Clock())
-        items = [
-            (b"a", b"\xc0\x00\x02\x01", 4000, 0.0),
-            (b"bad", b"\xc0\x00\x02\x02", 4000, 0.0),
-        ]
-        batch = FakeBatch(items + [(b"c", b"\xc0\x00\x02\x03", 4000, 0.0)])
-        proto.answer_batch(batch, 3)  # type: ignore[arg-type]
-        self.assertEqual(batch.sent, [b"ok", None, b"ok"])
+        proto = TimeProtocol("odd", AnsweringCore(OddResponder(), None), Clock())
+        receiver = FakeReceiver(
+            [
+                (b"a", b"\xc0\x00\x02\x01", 4000, 0),
+                (b"bad", b"\xc0\x00\x02\x02", 4000, 0),
+                (b"c", b"\xc0\x00\x02\x03", 4000, 0),
+            ]
+        )
+        sender = FakeSender()
+        proto.batch_received(receiver, sender, 3)  # type: ignore[arg-type]
+        self.assertEqual(sender.sent, [b"ok", None, b"ok"])
         self.assertEqual(proto.counters.errors, 1)
         self.assertEqual(proto.counters.answered, 2)
+
+    def test_verbose_logs_after_the_batch(self) -> None:
+        log = CapturedLog(self)
+        proto, _, clock = make("time", verbose=True)
+        moment = round(clock.seconds() * 1e9)
+        receiver = FakeReceiver([(b"", b"\xc0\x00\x02\x01", 4000, moment)] * 3)
+        proto.batch_received(receiver, FakeSender(), 3)  # type: ignore[arg-type]
+        events = [e for e in log.events if e.get("outcome") == "answered"]
+        self.assertEqual(len(events), 3)
+        self.assertEqual(proto.core.notes, [])

@@ -269,6 +269,8 @@ class ClockStateCache:
         refid: bytes = DEFAULT_REFID,
         interval: float = 1.0,
     ) -> None:
+        if len(refid) != 4:
+            raise ValueError(f"reference id must be 4 bytes, not {refid!r}")
         self._clock = clock
         self._reader = reader
         self._stratum = stratum

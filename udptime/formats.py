@@ -1,25 +1,18 @@
-"""Reply formats: pure encoders from an instant to reply bytes, and their registry.
+"""The text formats on the wire: the recipe's ctime, RFC 867 daytime, RFC 868 time.
 
-A responder turns one request datagram and its receive time into the reply
-bytes, or ``None`` for "no reply". Responders do no I/O and never read a clock
-of their own unless their protocol needs a transmit stamp (NTP), which their
-factory then receives.
+Pure encoders from an instant to reply bytes, and the test that tells a
+request apart from another server's reply (the loop guard). Their responder
+is ``udptime.responders.text``.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 #: Seconds from 1900-01-01T00:00:00Z (the RFC 868 and NTP epoch) to 1970.
 EPOCH_1900_TO_1970 = 2_208_988_800
-
-Responder = Callable[[bytes, float], "bytes | None"]
-"""``(request, receive time as POSIX seconds) -> reply bytes or None``."""
 
 
 def encode_ctime(moment: float) -> bytes:
@@ -65,7 +58,7 @@ def _civil_from_days(days: int) -> tuple[int, int, int]:
 _CTIME_REPLY = re.compile(rb"[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4}")
 _DAYTIME_REPLY = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\r\n")
 #: Lengths of the replies above (RFC 868's is 4 bytes), for a cheap first test.
-_REPLY_LENGTHS = frozenset({4, 22, 24})
+REPLY_LENGTHS = frozenset({4, 22, 24})
 _RFC868_WINDOW = 86_400
 
 
@@ -88,115 +81,3 @@ def looks_like_time_reply(datagram: bytes, moment: float) -> bool:
     if size == 22:
         return _DAYTIME_REPLY.fullmatch(datagram) is not None
     return False
-
-
-class SecondCache:
-    """A text format's responder: the reply changes once a second, not per datagram.
-
-    Stays silent for requests that are themselves time-server replies (see
-    :func:`looks_like_time_reply`).
-    """
-
-    __slots__ = ("_encode", "_reply", "_second")
-
-    def __init__(self, encode: Callable[[float], bytes]) -> None:
-        self._encode = encode
-        self._second: int | None = None
-        self._reply = b""
-
-    def __call__(self, request: bytes, moment: float) -> bytes | None:
-        if len(request) in _REPLY_LENGTHS and looks_like_time_reply(request, moment):
-            return None
-        second = math.floor(moment)
-        if second != self._second:
-            self._reply = self._encode(second)
-            self._second = second
-        return self._reply
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What a responder factory may need beyond the request; grows with formats."""
-
-    wall_clock: Callable[[], float] = time.time
-    extra: dict[str, object] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Format:
-    """A named reply format.
-
-    ``echoes_anything`` marks formats that reply to any datagram (the text
-    formats); the loop guard refuses to answer the well-known ports of other
-    such services for them. ``kiss`` builds a protocol-level refusal (NTP's
-    Kiss-o'-Death) from a request and a 4-byte code, or ``None`` when the
-    request does not deserve one; formats without it are refused silently.
-    """
-
-    name: str
-    make_responder: Callable[[Settings], Responder]
-    echoes_anything: bool
-    summary: str
-    kiss: Callable[[bytes, bytes], bytes | None] | None = None
-    #: replies end in a transmit timestamp to rewrite right before the send,
-    #: and the receive time should be the kernel's (NTP)
-    stamps_time: bool = False
-
-
-_REGISTRY: dict[str, Format] = {}
-
-
-def register(fmt: Format) -> Format:
-    _REGISTRY[fmt.name] = fmt
-    return fmt
-
-
-def get_format(name: str) -> Format:
-    """The format called *name*; ``KeyError`` names the known ones."""
-    _load_optional_formats()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown format {name!r} (known: {', '.join(format_names())})"
-        ) from None
-
-
-def format_names() -> list[str]:
-    _load_optional_formats()
-    return sorted(_REGISTRY)
-
-
-#: Modules holding further formats; each registers itself when imported.
-FORMAT_MODULES: tuple[str, ...] = ("udptime.ntp",)
-
-
-def _load_optional_formats() -> None:
-    for module in FORMAT_MODULES:
-        importlib.import_module(module)
-
-
-register(
-    Format(
-        "ctime",
-        lambda settings: SecondCache(encode_ctime),
-        echoes_anything=True,
-        summary="time.ctime() text in local time, as the recipe's server",
-    )
-)
-register(
-    Format(
-        "daytime",
-        lambda settings: SecondCache(encode_daytime),
-        echoes_anything=True,
-        summary="RFC 867 daytime: RFC 3339 UTC line ending in CRLF",
-    )
-)
-register(
-    Format(
-        "time",
-        lambda settings: SecondCache(encode_time),
-        echoes_anything=True,
-        summary="RFC 868 time: 32-bit big-endian seconds since 1900, mod 2**32",
-    )
-)

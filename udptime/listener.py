@@ -2,9 +2,9 @@
 
 Sockets are made here rather than by ``reactor.listenUDP`` so that a listener
 can set ``SO_REUSEPORT`` (one socket per worker), adopt a socket handed over
-by systemd, and hand the descriptor to the Linux batch fast path. Twisted's
-``udp.Port`` still owns the socket's life: it is adopted with
-``adoptDatagramPort`` and closed by ``stopListening``.
+by systemd, and serve it with the Linux batch port. Either way one Twisted
+port owns the socket's life: adopted (``adoptDatagramPort``, or
+``udptime.mmsg.port.adopt``), closed by ``stopListening``.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorFDSet
 from twisted.logger import Logger
 
-from udptime import fastpath
 from udptime.listenspec import SYSTEMD, ListenSpec
 from udptime.metrics import ListenerStats
+from udptime.mmsg import libc as mmsg_libc
+from udptime.mmsg import port as mmsg_port
 from udptime.protocol import TimeProtocol
 
 #: Largest UDP payload over IPv4; every datagram is read whole.
@@ -113,6 +114,7 @@ class TimeListener(service.Service):
         receive_buffer: int = DEFAULT_RECEIVE_BUFFER,
         sock: socket.socket | None = None,
         batch: bool = True,
+        receive_timestamps: bool = False,
     ) -> None:
         self.protocol = protocol
         self.spec = spec
@@ -120,7 +122,7 @@ class TimeListener(service.Service):
         self._reuse_port = reuse_port
         self._receive_buffer = receive_buffer
         self._batch = batch
-        self._reader: fastpath.FastReader | None = None
+        self._timestamps = receive_timestamps
         #: labels and counters for metrics and summaries; the address is the
         #: bound one once listening
         self.stats = ListenerStats(
@@ -150,13 +152,24 @@ class TimeListener(service.Service):
             sys.stderr.flush()
             raise SystemExit(1) from None
         try:
-            self._port = self._reactor.adoptDatagramPort(
-                sock.fileno(), sock.family, self.protocol, maxPacketSize=MAX_DATAGRAM
-            )
+            if self._batch and self.batch_available():
+                self._port = mmsg_port.adopt(
+                    self._reactor,
+                    sock,
+                    self.protocol,
+                    timestamps=self._timestamps,
+                    clock_ns=self.protocol.clock_ns,
+                    max_packet_size=MAX_DATAGRAM,
+                )
+            else:
+                self._port = self._reactor.adoptDatagramPort(
+                    sock.fileno(),
+                    sock.family,
+                    self.protocol,
+                    maxPacketSize=MAX_DATAGRAM,
+                )
         finally:
             sock.close()  # the port holds its own duplicate
-        if self._batch:
-            self._start_batch_reader()
         address = self._port.getHost()
         self.stats.address, self.stats.port = address.host, address.port
         self.log.info(
@@ -166,27 +179,9 @@ class TimeListener(service.Service):
             port=address.port,
         )
 
-    def _start_batch_reader(self) -> None:
-        """Serve the port with ``recvmmsg``/``sendmmsg`` where Linux allows."""
-        reactor: Any = self._reactor
-        if not fastpath.available() or not IReactorFDSet.providedBy(self._reactor):
-            return
-        port = self._port
-        batch = fastpath.BatchSocket(
-            port.socket, timestamps=self.protocol.stamps_time, clock=reactor.seconds
-        )
-        port.stopReading()
-        self._reader = fastpath.FastReader(
-            batch,
-            self.protocol.answer_batch,
-            self._reactor,
-            on_error=self._batch_failed,
-        )
-        self._reader.startReading()
-
-    def _batch_failed(self, exc: BaseException) -> None:
-        self.protocol.counters.errors += 1
-        self.protocol.throttled_error("a batch failed: {error!r}", exc, b"", 0)
+    def batch_available(self) -> bool:
+        """Whether the Linux batch port can serve here (and the reactor has FDs)."""
+        return mmsg_libc.available() and IReactorFDSet.providedBy(self._reactor)
 
     def privilegedStartService(self) -> None:
         self._listen()
@@ -200,9 +195,6 @@ class TimeListener(service.Service):
     def stopService(self) -> Deferred[None] | None:
         super().stopService()  # type: ignore[no-untyped-call]
         port, self._port = self._port, None
-        if self._reader is not None:
-            self._reader.stopReading()
-            self._reader = None
         if port is None:
             return None
         return maybeDeferred(port.stopListening)

@@ -1,8 +1,9 @@
 """NTPv4 server mode (RFC 5905), which also answers SNTP (RFC 4330) clients.
 
-Pure: bytes in, bytes out. The clock discipline the replies advertise comes
-from a ``ServerState`` (see ``udptime.clockstate``), the receive and transmit
-stamps from the caller. Timestamps stay 64-bit NTP fixed point or integers
+Pure wire code: bytes in, bytes out; no clock read, no kernel, no registry.
+The clock discipline the replies advertise is a ``ServerState`` value (made
+from the kernel's by ``udptime.clockstate``), the receive and transmit stamps
+come from the caller, and the responder is ``udptime.responders.ntp``. Timestamps stay 64-bit NTP fixed point or integers
 wherever possible so that stamps the server copies are bit-exact.
 """
 
@@ -11,11 +12,10 @@ from __future__ import annotations
 import ipaddress
 import math
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from math import floor
 
-from udptime.formats import EPOCH_1900_TO_1970, Format, Settings, register
+from udptime.formats import EPOCH_1900_TO_1970
 
 #: 2**32: one NTP era in seconds, and the scale of a timestamp's fraction.
 ERA_SECONDS = 1 << 32
@@ -45,11 +45,11 @@ ZERO_TIMESTAMP = bytes(8)
 #: delay, root dispersion, reference id, reference time.
 _MIDDLE = struct.Struct("!bII4s8s")
 _REPLY = struct.Struct("!BBb21s8s8s8s")
-#: The responder's hot path: a prebuilt 24-byte head, origin, then stamps.
-_REPLY_FLOAT = struct.Struct("!24s8sQQ")
-_REPLY_STAMPED = struct.Struct("!24s8s8sQ")
-#: The batch path's reply: transmit left zero, stamped just before sendmmsg.
-_REPLY_UNSTAMPED = struct.Struct("!24s8sQ8x")
+#: A reply from a prebuilt 24-byte head (``ReplyHeads``), origin, receive and
+#: transmit stamps as 64-bit integers; and with the transmit left zero, for a
+#: late stamp written just before the send.
+REPLY_FROM_HEAD = struct.Struct("!24s8sQQ")
+REPLY_UNSTAMPED = struct.Struct("!24s8sQ8x")
 _KISS = struct.Struct("!BBbbII4s8s8s8s8s")
 
 
@@ -75,15 +75,18 @@ def to_ntp(posix_seconds: float) -> bytes:
     return (_fixed_from_posix(posix_seconds) & _MASK64).to_bytes(8, "big")
 
 
-def ntp_from_ns(ns: int) -> bytes:
-    """The NTP timestamp of integer POSIX nanoseconds (kernel ``SO_TIMESTAMPNS``).
+def fixed_from_ns(ns: int) -> int:
+    """The 64-bit NTP timestamp of integer POSIX nanoseconds, as an integer.
 
     Rounded to the nearest 2**-32 s (half up), so ``ns_from_ntp`` gives the
     same nanosecond count back: a fraction step is under a quarter nanosecond.
     """
-    return ((((ns + _EPOCH_NS) << 32) + _HALF_NS) // _NS_PER_S & _MASK64).to_bytes(
-        8, "big"
-    )
+    return (((ns + _EPOCH_NS) << 32) + _HALF_NS) // _NS_PER_S & _MASK64
+
+
+def ntp_from_ns(ns: int) -> bytes:
+    """The NTP timestamp of integer POSIX nanoseconds (kernel ``SO_TIMESTAMPNS``)."""
+    return fixed_from_ns(ns).to_bytes(8, "big")
 
 
 def _unfold(raw: bytes, pivot_fixed: int) -> int:
@@ -172,7 +175,7 @@ def _clamp_poll(poll: int, min_poll: int) -> int:
     return min(max(poll, min_poll), MAX_POLL)
 
 
-def _check_min_poll(min_poll: int) -> None:
+def check_min_poll(min_poll: int) -> None:
     if not MIN_POLL <= min_poll <= MAX_POLL:
         raise ValueError(f"min_poll must be {MIN_POLL}..{MAX_POLL}, not {min_poll}")
 
@@ -299,7 +302,7 @@ def build_kiss(
     )
 
 
-class _Heads:
+class ReplyHeads:
     """The first 24 reply bytes per (request byte 0, request poll byte), lazily.
 
     Filled only for requests a server answers, so at most 16 * 256 entries;
@@ -333,138 +336,6 @@ class _Heads:
         return head
 
 
-class NtpResponder:
-    """The ``ntp`` format's responder: request bytes and receive time to a reply.
-
-    Call it as a ``Responder`` with the receive time as POSIX seconds; the
-    transmit stamp is read from *wall_clock* last, just before packing. The
-    fast path uses :meth:`batch` instead.
-    """
-
-    __slots__ = ("_heads", "_min_poll", "_state", "_wall_clock")
-
-    def __init__(
-        self,
-        state: Callable[[], ServerState],
-        wall_clock: Callable[[], float],
-        *,
-        min_poll: int = MIN_POLL,
-    ) -> None:
-        _check_min_poll(min_poll)
-        self._state = state
-        self._wall_clock = wall_clock
-        self._min_poll = min_poll
-        self._heads = _Heads(state(), min_poll)
-
-    def _current_heads(self) -> _Heads:
-        """The reply heads for the current clock state, rebuilt when it changed."""
-        state = self._state()
-        heads = self._heads
-        if state is not heads.state:
-            if state == heads.state:
-                heads.state = state
-            else:
-                heads = self._heads = _Heads(state, self._min_poll)
-        return heads
-
-    def _head(self, request: bytes) -> bytes | None:
-        """Reply bytes 0-23 for *request*, or ``None`` when it is to be ignored."""
-        if len(request) < PACKET_SIZE:
-            return None
-        heads = self._current_heads()
-        head = heads.table.get(request[0] << 8 | request[2])
-        if head is None:
-            return heads.fill(request[0], request[2])
-        return head
-
-    def __call__(self, request: bytes, received: float) -> bytes | None:
-        head = self._head(request)
-        if head is None:
-            return None
-        return _REPLY_FLOAT.pack(
-            head,
-            request[40:48],
-            _fixed_from_posix(received) & _MASK64,
-            _fixed_from_posix(self._wall_clock()) & _MASK64,
-        )
-
-    def batch(self) -> Callable[[bytes, float], bytes | None]:
-        """A responder for one batch of the fast path, sharing one clock state.
-
-        The state is read once here instead of per datagram, and replies are
-        built with a zero transmit timestamp: the batch sender writes one
-        stamp into every reply right before ``sendmmsg``, later than any
-        per-reply clock read could be.
-        """
-        heads = self._current_heads()
-        table = heads.table
-        fill = heads.fill
-        pack = _REPLY_UNSTAMPED.pack
-
-        def respond(request: bytes, received: float) -> bytes | None:
-            if len(request) < PACKET_SIZE:
-                return None
-            head = table.get(request[0] << 8 | request[2])
-            if head is None:
-                head = fill(request[0], request[2])
-                if head is None:
-                    return None
-            return pack(head, request[40:48], _fixed_from_posix(received) & _MASK64)
-
-        return respond
-
-
-def _stratum_option(
-    extra: dict[str, object], key: str, default: int | None
-) -> int | None:
-    value = extra.get(key, default)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 15:
-        raise ValueError(f"{key} must be an integer 1..15, not {value!r}")
-    return value
-
-
-def make_responder(settings: Settings) -> NtpResponder:
-    """The ``ntp`` format's factory.
-
-    ``settings.extra`` keys read:
-
-    - ``"clock_state"``: a callable returning the current ``ServerState``;
-      when given, the keys below are not read.
-    - ``"stratum"``: stratum while the kernel clock is synchronised, 1-15
-      (default 2).
-    - ``"local_stratum"``: ``None`` (default: an unsynchronised kernel clock
-      is advertised as such, LI 3 and stratum 16) or 1-15 to serve the local
-      clock at that stratum anyway.
-    - ``"refid"``: reference id while synchronised, 4 bytes or text for
-      ``refid_from_text`` (an upstream's IPv4 address, say); default
-      ``clockstate.DEFAULT_REFID``.
-    """
-    from udptime import clockstate
-
-    extra = settings.extra
-    provider = extra.get("clock_state")
-    if provider is None:
-        refid = extra.get("refid", clockstate.DEFAULT_REFID)
-        if isinstance(refid, str):
-            refid = refid_from_text(refid)
-        if not isinstance(refid, bytes) or len(refid) != 4:
-            raise ValueError(f"refid must be 4 bytes or text, not {refid!r}")
-        stratum = _stratum_option(extra, "stratum", clockstate.DEFAULT_STRATUM)
-        assert stratum is not None
-        provider = clockstate.ClockStateCache(
-            settings.wall_clock,
-            clockstate.read_kernel_clock,
-            stratum=stratum,
-            local_stratum=_stratum_option(extra, "local_stratum", None),
-            refid=refid,
-        )
-    if not callable(provider):
-        raise TypeError(f"clock_state must be callable, not {provider!r}")
-    return NtpResponder(provider, settings.wall_clock)
-
-
 #: The poll a RATE kiss asks for: 64 s, well under the default 10/s limit.
 RATE_KISS_MIN_POLL = 6
 
@@ -481,15 +352,3 @@ def kiss_reply(request: bytes, code: bytes) -> bytes | None:
     return build_kiss(
         parsed, code, min_poll=RATE_KISS_MIN_POLL if code == KISS_RATE else MIN_POLL
     )
-
-
-register(
-    Format(
-        "ntp",
-        make_responder,
-        echoes_anything=False,
-        summary="NTPv4/SNTP server mode (RFC 5905, RFC 4330) from the kernel clock",
-        kiss=kiss_reply,
-        stamps_time=True,
-    )
-)

@@ -10,8 +10,8 @@ from typing import Any, ClassVar
 from twisted.application import internet, service
 from twisted.python import usage
 
-from udptime.clockstate import read_kernel_clock
-from udptime.formats import Settings, format_names, get_format
+from udptime.clockstate import ClockStateCache, read_kernel_clock
+from udptime.core import AnsweringCore
 from udptime.listener import DEFAULT_RECEIVE_BUFFER, TimeListener
 from udptime.listenspec import (
     SYSTEMD,
@@ -35,7 +35,8 @@ from udptime.policy import (
     parse_cidr,
     parse_rate_limit,
 )
-from udptime.protocol import TimeProtocol
+from udptime.protocol import TimeProtocol, ns_clock
+from udptime.registry import Context, format_names, get_format
 from udptime.summary import SummaryService
 from udptime.workers import WorkerSupervisor
 
@@ -372,34 +373,31 @@ def build_service(
 ) -> UdptimeService:
     """``makeService`` for a worker too: *sockets* are its inherited ones."""
     top = UdptimeService()
-    settings = Settings(
-        wall_clock=reactor.seconds,
-        extra={
-            "stratum": options["stratum"],
-            "local_stratum": options["local-stratum"],
-            "refid": options["refid"],
-        },
-    )
     policy = make_policy(options)
     workers = options["workers"] if sockets is None else 1
     ntp_ports = [spec.port for spec in options.listeners if spec.format == "ntp"]
-    nts, nts_factory = nts_services(
+    nts, nts_cookies = nts_services(
         options, reactor, ntp_ports[0] if ntp_ports else 123, serve_ke=sockets is None
     )
     for service_ in nts:
         service_.setServiceParent(top)
+    context = Context(
+        wall_clock_ns=ns_clock(reactor),
+        clock_state=ClockStateCache(
+            reactor.seconds,
+            read_kernel_clock,
+            stratum=options["stratum"],
+            local_stratum=options["local-stratum"],
+            refid=refid_from_text(options["refid"]),
+        ),
+        nts_cookies=nts_cookies,
+    )
     for n, spec in enumerate(options.listeners):
         fmt = get_format(spec.format)
-        make_responder = fmt.make_responder
-        if fmt.name == "ntp" and nts_factory is not None:
-            make_responder = nts_factory
-        protocol = TimeProtocol(
-            fmt,
-            make_responder(settings),
-            reactor,
-            policy=policy,
-            verbose=bool(options["verbose"]),
+        core = AnsweringCore(
+            fmt.make_responder(context), policy, verbose=bool(options["verbose"])
         )
+        protocol = TimeProtocol(fmt.name, core, reactor)
         listener = TimeListener(
             protocol,
             spec,
@@ -408,6 +406,7 @@ def build_service(
             receive_buffer=options["receive-buffer"],
             sock=None if sockets is None else sockets[n],
             batch=not options["no-batch"],
+            receive_timestamps=fmt.receive_timestamps,
         )
         listener.stats.worker = worker
         listener.setName(spec.describe())  # type: ignore[no-untyped-call]

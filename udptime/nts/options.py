@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from OpenSSL import SSL
@@ -35,7 +34,6 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
-from udptime.formats import Responder, Settings
 from udptime.listenspec import ListenSpecError, parse_host, parse_port
 from udptime.nts.cookies import DEFAULT_ROTATE, KeyFileError, KeyStore, decode_keys_file
 from udptime.nts.ke import (
@@ -49,13 +47,11 @@ from udptime.nts.ke import (
     TlsServerCreator,
     tls_context,
 )
-from udptime.nts.responder import nts_responder_factory
+from udptime.nts.responder import CookieJar
 from udptime.policy import Policy, PolicyError, RateLimit, parse_rate_limit
 
 #: Relative paths are to the working directory (twistd's ``--rundir``).
 DEFAULT_KEYS_FILE = "udptime-nts-keys.json"
-
-ResponderFactory = Callable[[Settings], Responder]
 
 
 def parse_ke_address(text: str) -> tuple[str, int]:
@@ -307,8 +303,8 @@ def nts_services(
     ntp_port: int,
     *,
     serve_ke: bool = True,
-) -> tuple[list[IService], ResponderFactory | None]:
-    """The NTS services and the ``ntp`` responder factory, or ``([], None)``.
+) -> tuple[list[IService], CookieJar | None]:
+    """The NTS services and the cookie keys NTS responders use, or ``([], None)``.
 
     Add every returned service to the server's ``MultiService``: the keys
     file's loader (see :class:`NtsKeysService`) and, with *serve_ke*, the
@@ -355,4 +351,4 @@ def nts_services(
         ke_service = KeService(host, port, tls, reactor)
         ke_service.setName("nts-ke")  # type: ignore[no-untyped-call]
         services.append(ke_service)
-    return services, nts_responder_factory(store)
+    return services, store

@@ -1,4 +1,4 @@
-"""udptime.fastpath on real loopback sockets: recvmmsg in, sendmmsg out."""
+"""udptime.mmsg on real loopback sockets: recvmmsg in, sendmmsg out, the batch port."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.protocol import DatagramProtocol
 from twisted.trial import unittest
 
-from udptime import fastpath
-from udptime.fastpath import BatchSocket, FastReader
+from udptime.mmsg import libc as mmsg_libc
+from udptime.mmsg.port import BatchPort, adopt
+from udptime.mmsg.receive import Receiver
+from udptime.mmsg.send import Sender
 
 LOCAL4 = "127.0.0.1"
 LOCAL6 = "::1"
@@ -27,7 +29,7 @@ reactor: Any = _reactor
 SKIP: str | None = None
 if not sys.platform.startswith("linux"):
     SKIP = "recvmmsg/sendmmsg batch I/O is Linux only"
-elif not fastpath.available():
+elif not mmsg_libc.available():
     SKIP = "libc lacks recvmmsg/sendmmsg or the platform is not LP64"
 
 
@@ -40,6 +42,55 @@ def ipv6_skip() -> str | None:
     except OSError as exc:
         return f"no IPv6 loopback here: {exc}"
     return None
+
+
+class BatchSocket:
+    """A receiver and its sender as one object, with conveniences only tests use."""
+
+    def __init__(
+        self,
+        sock: socket.socket | int,
+        batch: int = 64,
+        slot_size: int = 2048,
+        *,
+        timestamps: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.receiver = Receiver(
+            sock,
+            batch,
+            slot_size,
+            timestamps=timestamps,
+            clock_ns=lambda: round(clock() * 1e9),
+        )
+        self.sender = Sender(self.receiver)
+        self.family = self.receiver.family
+        self.receive = self.receiver.receive
+        self.data = self.receiver.data
+        self.lengths = self.receiver.lengths
+        self.sources = self.receiver.sources
+        self.received_ns = self.receiver.received_ns
+        self.send = self.sender.send
+
+    def received(self, n: int) -> list[float]:
+        return [ns / 1e9 for ns in self.received_ns(n)]
+
+    def messages(self, n: int) -> list[tuple[bytes, bytes, int, float]]:
+        addrs, ports = self.sources(n)
+        return list(zip(self.data(n), addrs, ports, self.received(n)))
+
+    def truncated(self, n: int) -> list[int]:
+        size = self.receiver.slot_size
+        return [i for i, k in enumerate(self.lengths(n)) if k > size]
+
+    def poke_receive_buffer(self, offset: int, raw: bytes) -> None:
+        memoryview(self.receiver._mem).cast("B")[offset : offset + len(raw)] = raw
+
+    def __getattr__(self, name: str) -> Any:
+        for part in (self.receiver, self.sender):
+            if hasattr(part, name):
+                return getattr(part, name)
+        raise AttributeError(name)
 
 
 class Loopback:
@@ -125,10 +176,7 @@ class BatchSocketTests(unittest.TestCase):
             self.assertGreater(rx, before - 0.005)
             self.assertLess(after - rx, 0.5)
         self.assertEqual(seen, sent)
-        secs, nsecs = bs.timespecs(n) or ((), ())
-        self.assertEqual(
-            bs.received_ns(n), [s * 1_000_000_000 + ns for s, ns in zip(secs, nsecs)]
-        )
+        self.assertEqual(bs.received(n), [m[3] for m in messages])
         self.assertEqual(bs.truncated(n), [])
 
         replies = [b"reply to " + data for data, *_ in messages]
@@ -187,11 +235,11 @@ class BatchSocketTests(unittest.TestCase):
         self.assertEqual(bs.data(n), (b"a", b"bb", b"ccc"))
         self.assertEqual(bs.received(n), [1000.5] * 3)
         self.assertEqual(bs.received_ns(n), [1_000_500_000_000] * 3)
-        self.assertIsNone(bs.timespecs(n))
         # The socket is still the caller's and still open.
         self.assertEqual(loop.server.getsockname()[0], LOCAL4)
 
-    def test_truncation_flagged(self) -> None:
+    def test_truncated_datagram_is_empty(self) -> None:
+        """No format may answer part of a request: a cut datagram reads as b""."""
         loop = Loopback(self, socket.AF_INET, LOCAL4)
         (client,) = loop.clients(1, socket.AF_INET, LOCAL4)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
@@ -204,7 +252,7 @@ class BatchSocketTests(unittest.TestCase):
         self.assertEqual((n, rest), (3, []))
         self.assertEqual(bs.truncated(n), [1])
         self.assertEqual(bs.lengths(n), (5, 3000, 5))
-        self.assertEqual(bs.data(n), (b"small", big[:2048], b"after"))
+        self.assertEqual(bs.data(n), (b"small", b"", b"after"))
         self.assertEqual(bs.truncated_count, 1)
 
     def test_burst_drains_in_batches(self) -> None:
@@ -290,7 +338,7 @@ class BatchSocketTests(unittest.TestCase):
                 None if data == skip else b"%s:" % data + body for data in order
             ]
             calls.clear()
-            dropped = bs.send(replies, stamp, unstamped={order.index(whole)})
+            dropped = bs.send(replies, stamp, complete={order.index(whole)})
             self.assertEqual(dropped, 0)
             self.assertEqual(len(calls), 1)
             for data, _, port, _ in messages:
@@ -356,8 +404,7 @@ class BatchSocketTests(unittest.TestCase):
         self.assertEqual(n, 3)
         stamps = bs.received(n)
         # As if the kernel had attached no control message to slot 1.
-        bs._view[bs._control + 32 : bs._control + 64] = bytes(32)
-        self.assertIsNone(bs.timespecs(n))
+        bs.poke_receive_buffer(bs.receiver._control + 32, bytes(32))
         self.assertEqual(bs.received(n), [stamps[0], 1234.5, stamps[2]])
         got = bs.received_ns(n)
         self.assertEqual(got[1], 1_234_500_000_000)
@@ -372,12 +419,11 @@ class BatchSocketTests(unittest.TestCase):
             client.sendto(b"q", loop.target)
         _, messages = receive_all(bs, loop, 3)[0]
         # Slot 1's source port becomes 0, which sendmsg refuses with EINVAL.
-        port_at = bs._names + bs._name_size + 2
-        bs._view[port_at : port_at + 2] = b"\0\0"
+        bs.poke_receive_buffer(bs.receiver._names + bs.receiver.name_size + 2, b"\0\0")
         self.assertEqual(bs.send([b"r0", b"r1", b"r2"]), 1)
         self.assertEqual(bs.sent_count, 2)
         self.assertEqual(bs.dropped_count, 1)
-        self.assertEqual(bs.last_errno, errno.EINVAL)
+        self.assertEqual(bs.sender.last_errno, errno.EINVAL)
         by_port = {c.getsockname()[1]: c for c in clients}
         for slot in (0, 2):
             self.assertEqual(by_port[messages[slot][2]].recvfrom(100)[0], b"r%d" % slot)
@@ -400,8 +446,8 @@ class BatchSocketTests(unittest.TestCase):
                 self.assertEqual(bs.send([b"ok"]), 0)
                 self.assertEqual(stays.recvfrom(100)[0], b"ok")
             if recverr:
-                self.assertGreaterEqual(bs.receive_errors, 1)
-                self.assertEqual(bs.last_errno, errno.ECONNREFUSED)
+                self.assertGreaterEqual(bs.receiver.errors, 1)
+                self.assertEqual(bs.receiver.last_errno, errno.ECONNREFUSED)
             self.assertEqual(bs.receive(), 0)
 
     def test_empty_socket_and_empty_send(self) -> None:
@@ -410,7 +456,7 @@ class BatchSocketTests(unittest.TestCase):
         self.assertEqual(bs.receive(), 0)
         self.assertEqual(bs.send([]), 0)
         self.assertEqual(bs.send([None, None]), 0)
-        self.assertEqual(bs.receive_errors, 0)
+        self.assertEqual(bs.receiver.errors, 0)
 
     def test_closed_socket_raises(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -434,14 +480,14 @@ class AvailabilityTests(unittest.TestCase):
     def test_linux_has_it(self) -> None:
         if not sys.platform.startswith("linux"):
             raise unittest.SkipTest("only Linux promises recvmmsg/sendmmsg")
-        self.assertTrue(fastpath.available())
+        self.assertTrue(mmsg_libc.available())
 
     def test_elsewhere_it_says_no(self) -> None:
         """Other platforms import the module, are told no, and cannot build one."""
         self.patch(sys, "platform", "darwin")
-        fastpath._libc.cache_clear()
-        self.addCleanup(fastpath._libc.cache_clear)
-        self.assertFalse(fastpath.available())
+        mmsg_libc.libc.cache_clear()
+        self.addCleanup(mmsg_libc.libc.cache_clear)
+        self.assertFalse(mmsg_libc.available())
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(sock.close)
         error = self.assertRaises(OSError, BatchSocket, sock)
@@ -462,8 +508,8 @@ class FakeKernel:
         return result
 
     def install(self, bs: BatchSocket) -> None:
-        bs._sendmmsg = self.sendmmsg
-        bs._get_errno = lambda: self.errno
+        bs.sender._sendmmsg = self.sendmmsg
+        bs.sender._get_errno = lambda: self.errno
 
 
 class PartialSendTests(unittest.TestCase):
@@ -527,24 +573,52 @@ class Collector(DatagramProtocol):
             self.done.callback(self.replies)
 
 
-class FastReaderTests(unittest.TestCase):
+Handler = Callable[[Receiver, int], "Sequence[bytes | None]"]
+
+
+class HandlerProtocol(DatagramProtocol):
+    """A batch protocol answering with a plain function; records what happens."""
+
+    def __init__(
+        self, handler: Handler, stamp: Callable[[], bytes] | None = None
+    ) -> None:
+        self.handler = handler
+        self.stamp = stamp
+        self.batches: list[int] = []
+        self.errors: list[BaseException] = []
+
+    def batch_received(self, receiver: Receiver, sender: Sender, n: int) -> None:
+        self.batches.append(n)
+        sender.send(self.handler(receiver, n), self.stamp)
+
+    def batch_failed(self, error: BaseException) -> None:
+        self.errors.append(error)
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        raise AssertionError("Twisted's own read path was used")
+
+
+class BatchPortTests(unittest.TestCase):
     skip = SKIP
 
     def serve(
-        self,
-        handler: Callable[[BatchSocket, int], Sequence[bytes | None] | None],
-        **kw: Any,
-    ) -> tuple[FastReader, int]:
+        self, handler: Handler, stamp: Callable[[], bytes] | None = None
+    ) -> tuple[BatchPort, HandlerProtocol, int]:
         server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.addCleanup(server.close)
         server.bind((LOCAL4, 0))
         server.setblocking(False)
-        reader = FastReader(
-            BatchSocket(server, timestamps=True), handler, reactor, **kw
+        protocol = HandlerProtocol(handler, stamp)
+        port = adopt(
+            reactor,
+            server,
+            protocol,
+            timestamps=True,
+            clock_ns=time.time_ns,
+            max_packet_size=65535,
         )
-        reader.startReading()
-        self.addCleanup(reader.stopReading)
-        return reader, server.getsockname()[1]
+        server.close()  # the port holds its own duplicate: one owner
+        self.addCleanup(port.stopListening)
+        return port, protocol, port.getHost().port
 
     def client(self, expected: int) -> tuple[Collector, Any]:
         collector = Collector(expected)
@@ -553,20 +627,17 @@ class FastReaderTests(unittest.TestCase):
         return collector, port
 
     def test_answers_datagrams_from_the_reactor(self) -> defer.Deferred[None]:
-        seen: list[int] = []
-
-        def handler(bs: BatchSocket, n: int) -> list[bytes | None]:
-            seen.append(n)
+        def handler(receiver: Receiver, n: int) -> list[bytes | None]:
             return [
-                b"%s at %d" % (data, int(rx))
-                for data, rx in zip(bs.data(n), bs.received(n))
+                b"%s at %d" % (data, rx // 1_000_000_000)
+                for data, rx in zip(receiver.data(n), receiver.received_ns(n))
             ]
 
-        reader, port = self.serve(handler)
+        port, protocol, number = self.serve(handler)
         collector, _ = self.client(50)
         start = int(time.time())
         for i in range(50):
-            collector.send(b"q%02d" % i, port)
+            collector.send(b"q%02d" % i, number)
 
         def check(replies: list[bytes]) -> None:
             self.assertEqual(
@@ -575,127 +646,49 @@ class FastReaderTests(unittest.TestCase):
             )
             for reply in replies:
                 self.assertIn(int(reply.split(b" at ")[1]), (start, start + 1))
-            self.assertEqual(sum(seen), 50)
-            self.assertEqual(reader.socket.sent_count, 50)
-            self.assertEqual(reader.batches, len(seen))
+            self.assertEqual(sum(protocol.batches), 50)
+            self.assertEqual(port.sender.sent_count, 50)
 
         return collector.done.addCallback(check)
 
-    def test_handler_may_send_itself_and_stamp(self) -> defer.Deferred[None]:
-        def handler(bs: BatchSocket, n: int) -> None:
-            bs.send([b"........" + d for d in bs.data(n)], lambda: b"01234567")
-
-        _, port = self.serve(handler)
-        collector, _ = self.client(3)
-        for payload in (b"aaaaaaaa", b"bbbbbbbb", b"cccccccc"):
-            collector.send(payload, port)
-
-        def check(replies: list[bytes]) -> None:
-            self.assertEqual(sorted(replies), [b"........01234567"] * 3)
-
-        return collector.done.addCallback(check)
-
-    def test_reader_stamp(self) -> defer.Deferred[None]:
-        _, port = self.serve(
-            lambda bs, n: [b"0123456789abcdef"] * n, stamp=lambda: b"ZZZZZZZZ"
+    def test_stamp_written_last(self) -> defer.Deferred[None]:
+        _, _, number = self.serve(
+            lambda r, n: [b"0123456789abcdef"] * n, stamp=lambda: b"ZZZZZZZZ"
         )
         collector, _ = self.client(2)
-        collector.send(b"1", port)
-        collector.send(b"2", port)
+        collector.send(b"1", number)
+        collector.send(b"2", number)
         return collector.done.addCallback(self.assertEqual, [b"01234567ZZZZZZZZ"] * 2)
 
-    def test_failing_handler_costs_only_its_batch(self) -> defer.Deferred[None]:
-        errors: list[BaseException] = []
-        calls = []
-
-        def handler(bs: BatchSocket, n: int) -> list[bytes | None]:
-            calls.append(n)
-            if bs.data(n)[0] == b"boom":
+    def test_failing_batch_costs_only_itself(self) -> defer.Deferred[None]:
+        def handler(receiver: Receiver, n: int) -> list[bytes | None]:
+            if receiver.data(n)[0] == b"boom":
                 raise ValueError("bad batch")
             return [b"fine"] * n
 
-        reader, port = self.serve(handler, on_error=errors.append)
+        _, protocol, number = self.serve(handler)
         collector, _ = self.client(1)
-        collector.send(b"boom", port)
-
-        def second(_: object) -> defer.Deferred[list[bytes]]:
-            collector.send(b"ok", port)
-            return collector.done
-
-        def check(replies: list[bytes]) -> None:
-            self.assertEqual(replies, [b"fine"])
-            self.assertEqual(reader.handler_errors, 1)
-            self.assertEqual([type(e) for e in errors], [ValueError])
-
+        collector.send(b"boom", number)
         # Wait for the failing batch by reactor turns, not sleeps.
         waiting: defer.Deferred[None] = defer.Deferred()
 
         def poll() -> None:
-            if calls:
+            if protocol.errors:
                 waiting.callback(None)
             else:
                 reactor.callLater(0.001, poll)
 
         reactor.callLater(0, poll)
-        return waiting.addCallback(second).addCallback(check)
 
-    def test_takes_over_a_twisted_port(self) -> defer.Deferred[None]:
-        """The documented recipe: stop Twisted's reads, serve its socket."""
-
-        class Unused(DatagramProtocol):
-            def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-                raise AssertionError("Twisted's own read path was used")
-
-        port = reactor.listenUDP(0, Unused(), interface=LOCAL4)
-        port.stopReading()
-        reader = FastReader(
-            BatchSocket(port.socket), lambda bs, n: [b"mine"] * n, reactor
-        )
-        reader.startReading()
-        collector, _ = self.client(2)
-        collector.send(b"a", port.getHost().port)
-        collector.send(b"b", port.getHost().port)
-
-        def stop(replies: list[bytes]) -> defer.Deferred[None]:
-            self.assertEqual(replies, [b"mine", b"mine"])
-            reader.stopReading()
-            stopped: defer.Deferred[None] = port.stopListening()
-            return stopped
-
-        return collector.done.addCallback(stop)
-
-    def test_refused_replies_are_a_handler_error(self) -> defer.Deferred[None]:
-        errors: list[BaseException] = []
-        bad: list[Any] = [["not bytes"], [b"too many"] * 65]
-
-        def handler(bs: BatchSocket, n: int) -> Any:
-            return bad.pop(0) if bad else [b"fine"] * n
-
-        _, port = self.serve(handler, on_error=errors.append)
-        collector, _ = self.client(1)
-        sent = [0]
-        pending: list[Any] = []
-
-        def poll() -> None:
-            # One datagram per reactor turn until the good reply comes back.
-            if not collector.done.called and sent[0] < 100:
-                sent[0] += 1
-                collector.send(b"x", port)
-                pending[:] = [reactor.callLater(0.005, poll)]
-
-        def cancel() -> None:
-            for call in pending:
-                if call.active():
-                    call.cancel()
-
-        self.addCleanup(cancel)
-        reactor.callLater(0, poll)
+        def second(_: object) -> defer.Deferred[list[bytes]]:
+            collector.send(b"ok", number)
+            return collector.done
 
         def check(replies: list[bytes]) -> None:
             self.assertEqual(replies, [b"fine"])
-            self.assertEqual([type(e) for e in errors], [TypeError, ValueError])
+            self.assertEqual([type(e) for e in protocol.errors], [ValueError])
 
-        return collector.done.addCallback(check)
+        return waiting.addCallback(second).addCallback(check)
 
     def test_bounded_work_per_read(self) -> None:
         """One doRead handles at most max_batches batches, then yields."""
@@ -703,30 +696,44 @@ class FastReaderTests(unittest.TestCase):
         self.addCleanup(server.close)
         server.bind((LOCAL4, 0))
         server.setblocking(False)
+        protocol = HandlerProtocol(lambda r, n: [None] * n)
+        port = adopt(
+            reactor,
+            server,
+            protocol,
+            timestamps=False,
+            clock_ns=time.time_ns,
+            max_packet_size=65535,
+        )
+        self.addCleanup(port.stopListening)
+        port.stopReading()
+        port.max_batches = 3
+        port.receiver = Receiver(port.socket, batch=2, clock_ns=time.time_ns)
+        port.sender = Sender(port.receiver)
         client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(client.close)
         for _ in range(10):
             client.sendto(b"x", server.getsockname())
         select.select([server], [], [], 2.0)
-        counts: list[int] = []
-        reader = FastReader(
-            BatchSocket(server, batch=2),
-            lambda bs, n: counts.append(n),
-            reactor,
-            max_batches=3,
-        )
-        self.assertIsNone(reader.doRead())
-        self.assertEqual(counts, [2, 2, 2])
-        self.assertEqual(reader.batches, 3)
-        self.assertEqual(reader.logPrefix(), "udptime-fastpath")
-        self.assertEqual(reader.fileno(), server.fileno())
+        self.assertIsNone(port.doRead())
+        self.assertEqual(protocol.batches, [2, 2, 2])
 
     def test_broken_socket_ends_reading(self) -> None:
         server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         server.bind((LOCAL4, 0))
-        reader = FastReader(BatchSocket(server), lambda bs, n: None, reactor)
+        protocol = HandlerProtocol(lambda r, n: [None] * n)
+        port = adopt(
+            reactor,
+            server,
+            protocol,
+            timestamps=False,
+            clock_ns=time.time_ns,
+            max_packet_size=65535,
+        )
+        port.stopReading()
         server.close()
-        why = reader.doRead()
+        port.socket.close()
+        why = port.doRead()
         assert why is not None
         error = why.value
         assert isinstance(error, OSError)

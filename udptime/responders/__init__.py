@@ -1,0 +1,1 @@
+"""Responders: each format's answering half (see ``udptime.core.Responder``)."""
