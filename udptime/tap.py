@@ -36,7 +36,7 @@ from udptime.policy import (
     parse_rate_limit,
 )
 from udptime.protocol import TimeProtocol, ns_clock
-from udptime.registry import Context, format_names, get_format
+from udptime.registry import Context, Format, format_names, get_format
 from udptime.summary import SummaryService
 from udptime.workers import WorkerSupervisor
 
@@ -351,6 +351,33 @@ class UdptimeService(service.MultiService):
         return own + self.supervisor.all_stats()
 
 
+def listener_for(
+    fmt: Format,
+    spec: ListenSpec,
+    context: Context,
+    reactor: Any,
+    *,
+    policy: Policy | None = None,
+    verbose: bool = False,
+    batch: bool = True,
+    reuse_port: bool = False,
+    receive_buffer: int = DEFAULT_RECEIVE_BUFFER,
+    sock: socket.socket | None = None,
+) -> TimeListener:
+    """One format on one address: its responder, the core, the shell around it."""
+    core = AnsweringCore(fmt.make_responder(context), policy, verbose=verbose)
+    return TimeListener(
+        TimeProtocol(fmt.name, core, reactor),
+        spec,
+        reactor,
+        reuse_port=reuse_port,
+        receive_buffer=receive_buffer,
+        sock=sock,
+        batch=batch,
+        receive_timestamps=fmt.receive_timestamps,
+    )
+
+
 def makeService(options: Options, reactor: Any = None) -> UdptimeService:
     """The whole server for twistd and the .tac: listeners, workers, metrics.
 
@@ -393,20 +420,17 @@ def build_service(
         nts_cookies=nts_cookies,
     )
     for n, spec in enumerate(options.listeners):
-        fmt = get_format(spec.format)
-        core = AnsweringCore(
-            fmt.make_responder(context), policy, verbose=bool(options["verbose"])
-        )
-        protocol = TimeProtocol(fmt.name, core, reactor)
-        listener = TimeListener(
-            protocol,
+        listener = listener_for(
+            get_format(spec.format),
             spec,
+            context,
             reactor,
+            policy=policy,
+            verbose=bool(options["verbose"]),
+            batch=not options["no-batch"],
             reuse_port=workers > 1 or sockets is not None,
             receive_buffer=options["receive-buffer"],
             sock=None if sockets is None else sockets[n],
-            batch=not options["no-batch"],
-            receive_timestamps=fmt.receive_timestamps,
         )
         listener.stats.worker = worker
         listener.setName(spec.describe())  # type: ignore[no-untyped-call]
