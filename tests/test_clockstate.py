@@ -20,6 +20,7 @@ from udptime.clockstate import (
     TIME_INS,
     TIME_OK,
     TIME_OOP,
+    TIME_WAIT,
     ClockStateCache,
     KernelClock,
     measure_precision,
@@ -120,6 +121,10 @@ class ServerStateTests(unittest.TestCase):
             (TIME_OOP, STA_INS, 1),
             (TIME_DEL, STA_DEL, 2),
             (TIME_OK, 0, 0),
+            # After the leap: STA_INS/STA_DEL stay set until the daemon
+            # clears them, but the adjtimex state says it is over.
+            (TIME_WAIT, STA_INS, 0),
+            (TIME_WAIT, STA_DEL, 0),
         ]
         for kernel_state, status, leap in cases:
             kernel = KernelClock(kernel_state, status, 1000, 10)

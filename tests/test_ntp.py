@@ -194,6 +194,20 @@ class ParseRequestTests(unittest.TestCase):
             request = parse_request(request_bytes(mode=mode))
             self.assertEqual(request is not None, mode == 3, mode)
 
+    def test_ntpv1_without_mode_is_a_client_request(self) -> None:
+        """NTPv1 had no mode field: chronyd and ntpd answer mode 0 as a client."""
+        request = parse_request(request_bytes(version=1, mode=0))
+        assert request is not None
+        self.assertEqual(request.version, 1)
+        for version in (2, 3, 4):
+            self.assertIsNone(parse_request(request_bytes(version=version, mode=0)))
+
+    def test_ntpv1_reply_is_server_mode_version_1(self) -> None:
+        responder = NtpResponder(lambda: STATE, lambda: NOW_NS)
+        reply = responder.answer(request_bytes(version=1, mode=0), NOW_NS)
+        assert reply is not None
+        self.assertEqual(fields(reply)[1:3], (1, 4))
+
     def test_short(self) -> None:
         self.assertIsNone(parse_request(request_bytes()[:47]))
         self.assertIsNone(parse_request(b""))

@@ -202,7 +202,11 @@ def server_state(
     if local_stratum is not None:
         _check_stratum("local_stratum", local_stratum)
     if kernel is not None and kernel.synchronised:
-        if kernel.status & STA_INS:
+        if kernel.state == TIME_WAIT:
+            # The leap second is over; the kernel keeps STA_INS/STA_DEL set
+            # until the daemon clears them, but nothing is pending any more.
+            leap = LEAP_NONE
+        elif kernel.status & STA_INS:
             leap = LEAP_INSERT
         elif kernel.status & STA_DEL:
             leap = LEAP_DELETE

@@ -151,9 +151,20 @@ class Request:
     transmit: bytes
 
 
+#: Header byte 0 of an NTPv1 request: version 1, mode field 0 (NTPv1 had no
+#: mode; the ports told). chronyd and ntpd answer it as a client request.
+_V1_REQUEST = 1 << 3
+
+
 def _accepts(first: int) -> bool:
-    """Client mode and a version this server speaks (1-4) in header byte 0."""
-    return first & 0x07 == MODE_CLIENT and 1 <= (first >> 3) & 0x07 <= 4
+    """A client request in header byte 0: client mode and version 1-4, or NTPv1.
+
+    Replies are always server mode (4), never mode 0, so answering an NTPv1
+    packet cannot start a loop with another server.
+    """
+    if first & 0x07 == MODE_CLIENT:
+        return 1 <= (first >> 3) & 0x07 <= 4
+    return first & 0x3F == _V1_REQUEST
 
 
 def _signed8(byte: int) -> int:
