@@ -3,7 +3,8 @@
 Edit DEFAULT_OPTIONS to change what this file serves; ``UDPTIME_OPTIONS`` in
 the environment (e.g. ``UDPTIME_OPTIONS="--port 20001 --format time"``) is
 parsed by the same ``Options`` as the twistd plugin and replaces them, so
-containers and tests use this file unedited.
+containers and tests use this file unedited. From there on it is the plugin's
+code path: ``Options`` builds the one ``Config`` and ``makeService`` serves it.
 """
 
 import os
@@ -22,7 +23,7 @@ try:
     options.parseOptions(
         shlex.split(os.environ.get("UDPTIME_OPTIONS", DEFAULT_OPTIONS))
     )
-except (usage.UsageError, ValueError) as exc:
+except (usage.UsageError, ValueError) as exc:  # ValueError: shlex quoting
     sys.stderr.write(f"udptime.tac: UDPTIME_OPTIONS: {exc}\n")
     raise SystemExit(2) from None
 

@@ -21,9 +21,10 @@ and keys (``bench/nts_load.py``, ``loadgen --payload-file``); their replies/s
 are compared with plain udptime NTP and with chronyd's NTS.
 
 Which servers run is the ``VARIANTS`` table below. A udptime row whose format
-or options the installed udptime does not offer (read from
-``twistd udptime --help``) is skipped and the reason recorded. Only loopback
-addresses are ever targeted; every process started here is ended on exit.
+or options the installed udptime does not offer (asked with ``python -m
+udptime.config --describe``) is skipped and the reason recorded. Only
+loopback addresses are ever targeted; every process started here is ended on
+exit.
 """
 
 from __future__ import annotations
@@ -490,57 +491,60 @@ def build_c() -> dict[str, str]:
 # udptime capabilities.
 
 
-def udptime_help(twistd: str) -> str:
+def udptime_description(twistd: str) -> tuple[dict[str, Any] | None, str]:
+    """What the udptime beside *twistd* accepts, or ``None`` and why not.
+
+    Asks its configuration (``python -m udptime.config --describe``: option
+    names and formats as JSON) with the Python that runs *twistd*.
+    """
+    python = os.path.join(os.path.dirname(twistd), "python")
+    if not os.access(python, os.X_OK):
+        python = sys.executable
+    command = [python, "-m", "udptime.config", "--describe"]
     result = subprocess.run(
-        [twistd, "udptime", "--help"],
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=60,
+        command, capture_output=True, check=False, text=True, timeout=60
     )
-    return result.stdout + result.stderr
+    why = f"installed udptime cannot describe its options ({shlex.join(command)}"
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines() or [f"exit {result.returncode}"]
+        return None, f"{why}: {lines[-1]})"
+    try:
+        description = json.loads(result.stdout)
+        if not isinstance(description["formats"], list):
+            raise TypeError("formats is not a list")
+        if not isinstance(description["options"], dict):
+            raise TypeError("options is not an object")
+    except (ValueError, KeyError, TypeError) as exc:
+        return None, f"{why}: unexpected output, {exc})"
+    return description, ""
 
 
-def option_block(help_text: str, option: str) -> str:
-    """The help lines describing *option* (its line and its continuations)."""
-    lines = help_text.splitlines()
-    start = re.compile(r"^\s+(-\w,\s+)?--[\w-]+")
-    for i, line in enumerate(lines):
-        if re.search(rf"(^|[\s,]){re.escape(option)}(=|\s|$)", line) and start.match(
-            line
-        ):
-            block = [line]
-            for more in lines[i + 1 :]:
-                if start.match(more) or not more.strip():
-                    break
-                block.append(more)
-            return " ".join(block)
-    return ""
-
-
-def unsupported(variant: Variant, help_text: str) -> str | None:
-    """Why the installed udptime cannot run *variant*, or None if it can."""
+def unsupported(variant: Variant, description: dict[str, Any]) -> str | None:
+    """Why the described udptime cannot run *variant*, or None if it can."""
     if variant.kind != "udptime":
         return None
-    formats = option_block(help_text, "--format")
-    if not formats:
-        return "udptime --help shows no --format option"
-    if not re.search(rf"\b{re.escape(variant.fmt)}\b", formats.split(":", 1)[-1]):
-        return f"installed udptime has no --format {variant.fmt} (its --help: {formats.strip()!r})"
+    formats = description["formats"]
+    if variant.fmt not in formats:
+        return (
+            f"installed udptime has no --format {variant.fmt} "
+            f"(it has: {', '.join(formats)})"
+        )
     options = [a.split("=", 1)[0] for a in variant.extra_args if a.startswith("--")]
     if variant.nts:
         options += ["--nts-ke", "--tls-cert", "--tls-key", "--nts-keys"]
     for name in options:
-        if not option_block(help_text, name):
+        if name not in description["options"]:
             return f"installed udptime has no {name} option"
     return None
 
 
 def udptime_skip_reasons(twistd: str, variants: Sequence[Variant]) -> dict[str, str]:
-    help_text = udptime_help(twistd)
+    description, why = udptime_description(twistd)
     reasons: dict[str, str] = {}
     for variant in variants:
-        reason = unsupported(variant, help_text)
+        if variant.kind != "udptime":
+            continue
+        reason = why if description is None else unsupported(variant, description)
         if reason:
             reasons[variant.name] = reason
     return reasons

@@ -167,6 +167,11 @@ class UsageErrorTests(unittest.TestCase):
             "unknown format 'bogus'", "udptime", "--format", "bogus"
         )
 
+    def test_error_names_its_option(self) -> None:
+        self.assert_clean_failure(
+            "--workers: expected a number >= 1, not '0'", "udptime", "--workers", "0"
+        )
+
     def test_malformed_listen(self) -> None:
         self.assert_clean_failure(
             "expected FORMAT@PORT", "udptime", "--listen", "ctime:1"
@@ -186,7 +191,7 @@ class UsageErrorTests(unittest.TestCase):
 
     def test_tac_bad_environment(self) -> None:
         self.assert_clean_failure(
-            "UDPTIME_OPTIONS: port 99999 is out of range",
+            "UDPTIME_OPTIONS: --port: port 99999 is out of range",
             "-y",
             "udptime.tac",
             env={"UDPTIME_OPTIONS": "--port 99999"},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import shutil
@@ -9,7 +10,7 @@ import stat
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet import reactor
@@ -17,31 +18,25 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from tests.test_nts_support import make_certificate
-from udptime import tap
+from udptime.config import Config, NtsConfig
 from udptime.ntp import ServerState
 from udptime.nts.cookies import DEFAULT_ROTATE
-from udptime.nts.ke import DEFAULT_KE_RATE_LIMIT
+from udptime.nts.ke import DEFAULT_KE_RATE_LIMIT, DEFAULT_MAX_CONNECTIONS
 from udptime.nts.options import (
-    NTS_OPT_PARAMETERS,
     KeService,
     NtsKeysService,
-    check_nts_options,
     nts_services,
     parse_ke_address,
 )
 from udptime.nts.responder import NtsResponder
 from udptime.policy import RateLimit
 from udptime.responders.ntp import NtpResponder
+from udptime.tap import Options
 
 
-class Options(tap.Options):
-    optParameters: ClassVar[list[list[Any]]] = (
-        tap.Options.optParameters + NTS_OPT_PARAMETERS
-    )
-
-    def postOptions(self) -> None:
-        super().postOptions()
-        check_nts_options(self)
+def with_nts(config: Config, **changes: Any) -> Config:
+    assert config.nts is not None
+    return dataclasses.replace(config, nts=dataclasses.replace(config.nts, **changes))
 
 
 class AddressTests(unittest.TestCase):
@@ -61,8 +56,9 @@ class AddressTests(unittest.TestCase):
             "[1.2.3.4]:1",
             "x",
         ):
-            with self.assertRaises(usage.UsageError, msg=text):
+            with self.assertRaises(ValueError, msg=text) as caught:
                 parse_ke_address(text)
+            self.assertTrue(str(caught.exception).startswith(f"--nts-ke {text!r}: "))
 
 
 class CheckTests(unittest.TestCase):
@@ -72,10 +68,10 @@ class CheckTests(unittest.TestCase):
         self.cert, self.key = make_certificate(self.dir)
         self.keys = self.dir / "keys.json"
 
-    def parse(self, *args: str) -> Options:
+    def parse(self, *args: str) -> Config:
         options = Options()
         options.parseOptions(["--listen", "ntp@127.0.0.1:0", *args])
-        return options
+        return options.config
 
     def nts(self, *args: str) -> list[str]:
         return [
@@ -91,11 +87,25 @@ class CheckTests(unittest.TestCase):
         ]
 
     def test_off_by_default(self) -> None:
-        options = self.parse()
-        self.assertIsNone(options["nts-ke"])
-        self.assertEqual(options["nts-rotate"], DEFAULT_ROTATE)
-        self.assertEqual(options["nts-ke-rate-limit"], DEFAULT_KE_RATE_LIMIT)
-        self.assertEqual(nts_services(options, reactor, 123), ([], None))
+        config = self.parse()
+        self.assertIsNone(config.nts)
+        self.assertEqual(nts_services(config, reactor, 123), ([], None))
+
+    def test_defaults(self) -> None:
+        self.assertEqual(
+            self.parse(*self.nts()).nts,
+            NtsConfig(
+                ke_host="127.0.0.1",
+                ke_port=0,
+                tls_cert=str(self.cert),
+                tls_key=str(self.key),
+                keys_file=str(self.keys),
+                server_name=None,
+                rotate=DEFAULT_ROTATE,
+                ke_rate_limit=DEFAULT_KE_RATE_LIMIT,
+                ke_connections=DEFAULT_MAX_CONNECTIONS,
+            ),
+        )
 
     def test_on(self) -> None:
         options = self.parse(
@@ -112,16 +122,17 @@ class CheckTests(unittest.TestCase):
                 "2.5",
             )
         )
-        self.assertEqual(options["nts-ke"], ("127.0.0.1", 0))
-        self.assertEqual(options["nts-rotate"], 3600.0)
-        self.assertEqual(options["nts-ke-rate-limit"], RateLimit(1.0, 5))
-        self.assertEqual(options["nts-ke-connections"], 7)
-        self.assertEqual(options["nts-ke-timeout"], 2.5)
-        self.assertEqual(options["nts-server"], "ntp.example")
-        self.assertEqual(
-            self.parse(*self.nts("--nts-ke-rate-limit", "off"))["nts-ke-rate-limit"],
-            None,
-        )
+        nts = options.nts
+        assert nts is not None
+        self.assertEqual((nts.ke_host, nts.ke_port), ("127.0.0.1", 0))
+        self.assertEqual(nts.rotate, 3600.0)
+        self.assertEqual(nts.ke_rate_limit, RateLimit(1.0, 5))
+        self.assertEqual(nts.ke_connections, 7)
+        self.assertEqual(nts.ke_timeout, 2.5)
+        self.assertEqual(nts.server_name, "ntp.example")
+        off = self.parse(*self.nts("--nts-ke-rate-limit", "off")).nts
+        assert off is not None
+        self.assertIsNone(off.ke_rate_limit)
 
     def test_refused_combinations(self) -> None:
         bad = [
@@ -143,18 +154,37 @@ class CheckTests(unittest.TestCase):
             self.nts("--tls-key", str(self.cert)),
         ]
         for args in bad:
-            with self.assertRaises(usage.UsageError, msg=args):
+            with self.assertRaises(usage.UsageError, msg=args) as caught:
                 self.parse(*args)
+            # every message starts with an option it is about
+            self.assertRegex(str(caught.exception), r"^--[a-z-]+[ :,]", args)
+
+    def test_cross_option_messages(self) -> None:
+        bad = {
+            ("--tls-cert", str(self.cert)): "--tls-cert: only used with --nts-ke",
+            ("--tls-key", "k", "--nts-server", "x"): (
+                "--tls-key, --nts-server: only used with --nts-ke"
+            ),
+            ("--nts-ke", "4460"): "--nts-ke needs --tls-cert and --tls-key",
+        }
+        for args, message in bad.items():
+            with self.assertRaises(usage.UsageError, msg=args) as caught:
+                self.parse(*args)
+            self.assertEqual(str(caught.exception), message)
 
     def test_corrupt_keys_file(self) -> None:
         self.keys.write_bytes(b"{}")
-        with self.assertRaises(usage.UsageError):
+        with self.assertRaises(usage.UsageError) as caught:
             self.parse(*self.nts())
+        self.assertTrue(str(caught.exception).startswith("--nts-keys "))
 
     def test_needs_an_ntp_listener(self) -> None:
         options = Options()
-        with self.assertRaises(usage.UsageError):
+        with self.assertRaises(usage.UsageError) as caught:
             options.parseOptions(["--listen", "time@127.0.0.1:0", *self.nts()])
+        self.assertEqual(
+            str(caught.exception), "--nts-ke needs an ntp listener (--listen ntp@...)"
+        )
 
     def test_services(self) -> None:
         options = self.parse(*self.nts())
@@ -188,8 +218,7 @@ class CheckTests(unittest.TestCase):
         self.assertIn("udptime: NTS keys:", stderr.getvalue())
 
     def test_unreadable_tls_key_at_service_time(self) -> None:
-        options = self.parse(*self.nts())
-        options["tls-key"] = str(self.dir / "gone.pem")
+        options = with_nts(self.parse(*self.nts()), tls_key=str(self.dir / "gone.pem"))
         stderr = io.StringIO()
         self.patch(sys, "stderr", stderr)
         with self.assertRaises(SystemExit):
@@ -208,7 +237,7 @@ class CheckTests(unittest.TestCase):
         first[1].privilegedStartService()
         self.addCleanup(first[1].stopService)
         assert isinstance(first[1], KeService)
-        options["nts-ke"] = ("127.0.0.1", first[1].bound_port)
+        options = with_nts(options, ke_port=first[1].bound_port)
         second, _ = nts_services(options, reactor, 123)
         stderr = io.StringIO()
         self.patch(sys, "stderr", stderr)

@@ -83,6 +83,11 @@ class WorkerTests(unittest.TestCase):
         wait_for(both_answer, "both workers to answer")
 
         (first_pid,) = worker_pids(server)[1]
+        # The worker gets the parsed Config on stdin, not the command line.
+        with open(f"/proc/{first_pid}/cmdline", "rb") as cmdline:
+            self.assertEqual(
+                cmdline.read().split(b"\0")[1:-1], [b"-m", b"udptime.worker", b"1"]
+            )
         os.kill(first_pid, signal.SIGKILL)
         wait_for(lambda: len(worker_pids(server)[1]) == 2, "worker 1 to be replaced")
         replacement = worker_pids(server)[1][1]

@@ -172,11 +172,6 @@ def measure_precision(samples: int = 64) -> int:
     return precision_exponent(seconds if seconds > 0 else 1e-9)
 
 
-def _check_stratum(name: str, value: int) -> None:
-    if not 1 <= value <= 15:
-        raise ValueError(f"{name} must be 1..15, not {value}")
-
-
 def server_state(
     kernel: KernelClock | None,
     stratum: int,
@@ -198,9 +193,6 @@ def server_state(
     ignore this server; unless *local_stratum* asks to serve the local clock
     anyway (LI 0, that stratum, ``LOCL``, 10 ms dispersion).
     """
-    _check_stratum("stratum", stratum)
-    if local_stratum is not None:
-        _check_stratum("local_stratum", local_stratum)
     if kernel is not None and kernel.synchronised:
         if kernel.state == TIME_WAIT:
             # The leap second is over; the kernel keeps STA_INS/STA_DEL set

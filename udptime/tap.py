@@ -1,16 +1,42 @@
-"""The one wiring: command-line ``Options`` and ``makeService`` for twistd and the .tac."""
+"""The one wiring: command-line ``Options`` and ``makeService`` for twistd and the .tac.
+
+``Options`` gives every option one coerce function (its errors start with the
+option's name) and builds one frozen :class:`udptime.config.Config` in
+``postOptions``, after the checks between options; ``build_service`` reads
+only that config, in the twistd process and in each ``--workers`` process.
+"""
 
 from __future__ import annotations
 
 import socket
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from twisted.application import internet, service
 from twisted.python import usage
 
-from udptime.clockstate import ClockStateCache, read_kernel_clock
+from udptime import __version__
+from udptime.clockstate import (
+    DEFAULT_REFID,
+    DEFAULT_STRATUM,
+    ClockStateCache,
+    read_kernel_clock,
+)
+from udptime.config import (
+    DEFAULT_FORMAT,
+    DEFAULT_PORT,
+    DEFAULT_SUMMARY_INTERVAL,
+    Config,
+    MetricsConfig,
+    NtpConfig,
+    PolicyConfig,
+    coerce,
+    parse_count,
+    parse_ports,
+    parse_positive,
+    parse_stratum,
+)
 from udptime.core import AnsweringCore
 from udptime.listener import DEFAULT_RECEIVE_BUFFER, TimeListener
 from udptime.listenspec import (
@@ -27,9 +53,10 @@ from udptime.metrics import (
     parse_metrics_address,
 )
 from udptime.ntp import refid_from_text
-from udptime.nts.options import NTS_OPT_PARAMETERS, check_nts_options, nts_services
+from udptime.nts.options import NTS_OPT_PARAMETERS, nts_config, nts_services
 from udptime.policy import (
     DEFAULT_LOOP_PORTS,
+    DEFAULT_RATE_LIMIT,
     DEFAULT_TABLE_SIZE,
     Policy,
     parse_cidr,
@@ -40,72 +67,52 @@ from udptime.registry import Context, Format, format_names, get_format
 from udptime.summary import SummaryService
 from udptime.workers import WorkerSupervisor
 
-DEFAULT_PORT = 20000
 
-
-def _usage(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """Report a parser's ``ValueError`` as the one-line ``UsageError`` twistd prints."""
-
-    def coerce(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise usage.UsageError(str(exc)) from None
-
-    return coerce
-
-
-def _count(text: str) -> int:
-    value = int(text, 10)
-    if value < 0:
-        raise ValueError(f"expected a count >= 0, not {text!r}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text, 10)
-    if value < 1:
-        raise ValueError(f"expected a number >= 1, not {text!r}")
-    return value
-
-
-def _ports(text: str) -> frozenset[int]:
-    ports = frozenset(int(part, 10) for part in text.split(",") if part.strip())
-    if any(not 0 <= port <= 65535 for port in ports):
-        raise ValueError(f"ports must be 0-65535: {text!r}")
-    return ports
-
-
-def make_policy(options: Options) -> Policy | None:
-    """One admission policy for all listeners: a source's budget is per server."""
-    policy = Policy(
-        rate_limit=options["rate-limit"],
-        table_size=options["rate-limit-table"],
-        leak=options["rate-limit-leak"],
-        allow=options["allow"],
-        deny=options["deny"],
-        deny_kiss=bool(options["deny-kiss"]),
-        loop_ports=options["loop-ports"],
-    )
-    return policy
-
-
-def _stratum(text: str) -> int:
+def parse_format(text: str) -> str:
+    """The name of a registered reply format."""
     try:
-        value = int(text, 10)
-    except ValueError:
-        raise usage.UsageError(f"stratum must be a number 1-15, not {text!r}") from None
-    if not 1 <= value <= 15:
-        raise usage.UsageError(f"stratum {value} is out of range 1-15")
-    return value
+        return get_format(text).name
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+
+
+def parse_listen_spec(text: str) -> ListenSpec:
+    """A ``--listen`` value whose format is registered."""
+    fmt, host, port = parse_listen(text)
+    try:
+        parse_format(fmt)
+    except ValueError as exc:
+        raise ValueError(f"--listen {text!r}: {exc}") from None
+    return ListenSpec(fmt, host, port)
+
+
+_listen = coerce("--listen", parse_listen_spec)
+_allow = coerce("--allow", parse_cidr)
+_deny = coerce("--deny", parse_cidr)
+
+
+def make_policy(config: PolicyConfig) -> Policy:
+    """One admission policy for all listeners: a source's budget is per server."""
+    return Policy(
+        rate_limit=config.rate_limit,
+        table_size=config.table_size,
+        leak=config.leak,
+        allow=config.allow,
+        deny=config.deny,
+        deny_kiss=config.deny_kiss,
+        loop_ports=config.loop_ports,
+    )
 
 
 class Options(usage.Options):
+    """udptime's command line; after parsing, :attr:`config` holds the result."""
+
     synopsis = "[options]"
     longdesc = (
         "Serve the current time over UDP: ctime text (the default, as the "
         "socketserver recipe), RFC 867 daytime, RFC 868 time or NTPv4/SNTP "
-        "server mode, with per-source rate limiting on by default."
+        "server mode, with per-source rate limiting on by default. "
+        f"This is udptime {__version__}."
     )
 
     optFlags: ClassVar[list[list[Any]]] = [
@@ -128,8 +135,10 @@ class Options(usage.Options):
             "Log every request (off by default: floods stay out of the log).",
         ],
     ]
+    # Each parameter: [long, short, default, doc, coerce]. Defaults are written
+    # as they would be typed (so --help shows them so) and coerced in __init__.
     optParameters: ClassVar[list[list[Any]]] = [
-        ["port", "p", DEFAULT_PORT, "UDP port to serve.", _usage(parse_port)],
+        ["port", "p", DEFAULT_PORT, "UDP port to serve.", coerce("--port", parse_port)],
         [
             "interface",
             "i",
@@ -138,18 +147,24 @@ class Options(usage.Options):
                 "Address to bind: default all IPv4; '::' serves IPv6 (and IPv4 "
                 "where the OS maps it)."
             ),
-            _usage(parse_host),
+            coerce("--interface", parse_host),
         ],
-        ["format", "f", "ctime", "Reply format: " + ", ".join(format_names()) + "."],
+        [
+            "format",
+            "f",
+            DEFAULT_FORMAT,
+            "Reply format: " + ", ".join(format_names()) + ".",
+            coerce("--format", parse_format),
+        ],
         [
             "stratum",
             None,
-            2,
+            DEFAULT_STRATUM,
             (
                 "NTP: stratum advertised while the kernel clock is synchronised "
                 "(1-15; 2: we serve a clock disciplined by a stratum-1 upstream)."
             ),
-            _stratum,
+            coerce("--stratum", parse_stratum),
         ],
         [
             "local-stratum",
@@ -160,17 +175,17 @@ class Options(usage.Options):
                 "(1-15) with refid LOCL, like chrony's 'local stratum'. Without it an "
                 "unsynchronised kernel clock is advertised as LI=3, stratum 16."
             ),
-            _stratum,
+            coerce("--local-stratum", parse_stratum),
         ],
         [
             "rate-limit",
             None,
-            "10/50",
+            str(DEFAULT_RATE_LIMIT),
             (
                 "Per-source limit RATE/BURST: replies a second and bucket size per "
                 "IPv4 address or IPv6 /64, or 'off'."
             ),
-            _usage(parse_rate_limit),
+            coerce("--rate-limit", parse_rate_limit),
         ],
         [
             "rate-limit-leak",
@@ -180,7 +195,7 @@ class Options(usage.Options):
                 "Answer every Nth request over the limit anyway (0: off), so a "
                 "spoofed victim is not shut out completely."
             ),
-            _usage(_count),
+            coerce("--rate-limit-leak", parse_count),
         ],
         [
             "rate-limit-table",
@@ -190,7 +205,7 @@ class Options(usage.Options):
                 "Most sources the rate limiter tracks; the least recently seen is "
                 "evicted (memory stays bounded under floods from many sources)."
             ),
-            _usage(_positive),
+            coerce("--rate-limit-table", parse_positive),
         ],
         [
             "loop-ports",
@@ -200,7 +215,7 @@ class Options(usage.Options):
                 "Source ports the text formats never answer (echo, daytime, qotd, "
                 "chargen, time: services that answer anything); port 0 never is."
             ),
-            _usage(_ports),
+            coerce("--loop-ports", parse_ports),
         ],
         [
             "receive-buffer",
@@ -211,7 +226,7 @@ class Options(usage.Options):
                 "net.core.rmem_max; 0 keeps the kernel default): bursts wait "
                 "instead of being dropped."
             ),
-            _usage(_count),
+            coerce("--receive-buffer", parse_count),
         ],
         [
             "metrics",
@@ -221,14 +236,14 @@ class Options(usage.Options):
                 "Serve Prometheus metrics on [HOST:]PORT at /metrics (a bare port "
                 "binds 127.0.0.1). Off by default."
             ),
-            _usage(parse_metrics_address),
+            coerce("--metrics", parse_metrics_address),
         ],
         [
             "summary-interval",
             None,
-            60,
+            DEFAULT_SUMMARY_INTERVAL,
             "Seconds between summary log lines (counts per listener); 0: none.",
-            _usage(_count),
+            coerce("--summary-interval", parse_count),
         ],
         [
             "workers",
@@ -239,77 +254,88 @@ class Options(usage.Options):
                 "source on one worker). This process serves too and restarts dead "
                 "workers."
             ),
-            _usage(_positive),
+            coerce("--workers", parse_positive),
         ],
         [
             "refid",
             None,
-            "KERN",
+            DEFAULT_REFID.rstrip(b"\0").decode("ascii"),
             (
                 "NTP: reference id while synchronised: the upstream's IPv4 address, "
                 "or up to 4 ASCII characters."
             ),
+            coerce("--refid", refid_from_text),
         ],
         *NTS_OPT_PARAMETERS,
     ]
 
+    #: the parsed command line, set by ``postOptions``
+    config: Config
+
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        # usage.Options coerces given values only: the defaults written as
+        # text go through the same coerce functions here.
+        for long, _short, default, _doc, coerce_option in self.optParameters:
+            if isinstance(default, str):
+                self[long] = coerce_option(default)
         self["listen"] = []
         self["allow"] = []
         self["deny"] = []
 
     def opt_allow(self, value: str) -> None:
         """Serve only these networks (CIDR, IPv4 or IPv6); repeatable."""
-        self["allow"].append(_usage(parse_cidr)(value))
+        self["allow"].append(_allow(value))
 
     def opt_deny(self, value: str) -> None:
         """Never serve these networks (CIDR); repeatable; deny wins over allow."""
-        self["deny"].append(_usage(parse_cidr)(value))
+        self["deny"].append(_deny(value))
 
     def opt_listen(self, value: str) -> None:
         """FORMAT@[HOST:]PORT, FORMAT@[IPV6]:PORT, FORMAT@systemd:N; repeatable."""
-        fmt, host, port = _usage(parse_listen)(value)
-        self["listen"].append(ListenSpec(fmt, host, port))
-
-    def parseOptions(self, options: list[str] | None = None) -> None:
-        # Kept so --workers can start each worker with the same command line.
-        self.argv = list(sys.argv[1:] if options is None else options)
-        super().parseOptions(options)  # type: ignore[no-untyped-call]
+        self["listen"].append(_listen(value))
 
     def postOptions(self) -> None:
-        if self["workers"] > 1 and any(s.host == SYSTEMD for s in self["listen"]):
+        listeners = tuple(self["listen"]) or (
+            ListenSpec(self["format"], self["interface"], self["port"]),
+        )
+        if self["workers"] > 1 and any(s.host == SYSTEMD for s in listeners):
             raise usage.UsageError(
-                "--workers cannot share systemd sockets: run one instance per socket"
+                "--workers: cannot share systemd sockets: run one instance per socket"
             )
-        # usage.Options coerces given values only; defaults arrive as text.
-        for key, parse in (("rate-limit", parse_rate_limit), ("loop-ports", _ports)):
-            if isinstance(self[key], str):
-                self[key] = _usage(parse)(self[key])
-        if not self["listen"]:
-            self["listen"] = [
-                ListenSpec(self["format"], self["interface"], self["port"])
-            ]
-        for spec in self["listen"]:
-            try:
-                get_format(spec.format)
-            except KeyError as exc:
-                raise usage.UsageError(exc.args[0]) from None
-        try:
-            refid_from_text(self["refid"])
-        except ValueError as exc:
-            raise usage.UsageError(f"--refid: {exc}") from None
-        check_nts_options(self)
         seen: set[tuple[str, int]] = set()
-        for spec in self["listen"]:
+        for spec in listeners:
             address = (spec.host, spec.port)
             if (spec.port or spec.host == SYSTEMD) and address in seen:
-                raise usage.UsageError(f"{spec.describe()}: address given twice")
+                raise usage.UsageError(
+                    f"--listen {spec.describe()!r}: address given twice"
+                )
             seen.add(address)
-
-    @property
-    def listeners(self) -> list[ListenSpec]:
-        return list(self["listen"])
+        metrics = self["metrics"]
+        self.config = Config(
+            listeners=listeners,
+            policy=PolicyConfig(
+                rate_limit=self["rate-limit"],
+                table_size=self["rate-limit-table"],
+                leak=self["rate-limit-leak"],
+                allow=tuple(self["allow"]),
+                deny=tuple(self["deny"]),
+                deny_kiss=bool(self["deny-kiss"]),
+                loop_ports=self["loop-ports"],
+            ),
+            ntp=NtpConfig(
+                stratum=self["stratum"],
+                local_stratum=self["local-stratum"],
+                refid=self["refid"],
+            ),
+            nts=nts_config(self, listeners),
+            metrics=None if metrics is None else MetricsConfig(*metrics),
+            workers=self["workers"],
+            receive_buffer=self["receive-buffer"],
+            batch=not self["no-batch"],
+            verbose=bool(self["verbose"]),
+            summary_interval=self["summary-interval"],
+        )
 
 
 def _gauges(policy: Policy | None) -> Callable[[], dict[str, tuple[str, float]]]:
@@ -351,6 +377,19 @@ class UdptimeService(service.MultiService):
         return own + self.supervisor.all_stats()
 
 
+@dataclass(frozen=True)
+class WorkerRole:
+    """What makes a process a ``--workers`` worker rather than the twistd one.
+
+    A worker serves the sockets its supervisor bound for it (one per listener,
+    in order) and labels its counters with its index; it serves no NTS-KE and
+    no metrics and starts no workers: the twistd process does those.
+    """
+
+    index: int
+    sockets: tuple[socket.socket, ...]
+
+
 def listener_for(
     fmt: Format,
     spec: ListenSpec,
@@ -388,23 +427,28 @@ def makeService(options: Options, reactor: Any = None) -> UdptimeService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return build_service(options, reactor)
+    return build_service(options.config, reactor)
 
 
 def build_service(
-    options: Options,
+    config: Config,
     reactor: Any,
     *,
-    sockets: list[socket.socket] | None = None,
-    worker: str = "0",
+    worker: WorkerRole | None = None,
 ) -> UdptimeService:
-    """``makeService`` for a worker too: *sockets* are its inherited ones."""
+    """The server *config* describes: the twistd process's, or *worker*'s."""
     top = UdptimeService()
-    policy = make_policy(options)
-    workers = options["workers"] if sockets is None else 1
-    ntp_ports = [spec.port for spec in options.listeners if spec.format == "ntp"]
+    sockets: Sequence[socket.socket | None]
+    if worker is None:
+        label, sockets = "0", [None] * len(config.listeners)
+        serve_ke, supervise, metrics = True, config.workers > 1, config.metrics
+    else:
+        label, sockets = str(worker.index), worker.sockets
+        serve_ke, supervise, metrics = False, False, None
+    policy = make_policy(config.policy)
+    ntp_ports = [spec.port for spec in config.listeners if spec.format == "ntp"]
     nts, nts_cookies = nts_services(
-        options, reactor, ntp_ports[0] if ntp_ports else 123, serve_ke=sockets is None
+        config, reactor, ntp_ports[0] if ntp_ports else 123, serve_ke=serve_ke
     )
     for service_ in nts:
         service_.setServiceParent(top)
@@ -413,46 +457,47 @@ def build_service(
         clock_state=ClockStateCache(
             reactor.seconds,
             read_kernel_clock,
-            stratum=options["stratum"],
-            local_stratum=options["local-stratum"],
-            refid=refid_from_text(options["refid"]),
+            stratum=config.ntp.stratum,
+            local_stratum=config.ntp.local_stratum,
+            refid=config.ntp.refid,
         ),
         nts_cookies=nts_cookies,
     )
-    for n, spec in enumerate(options.listeners):
+    for spec, sock in zip(config.listeners, sockets, strict=True):
         listener = listener_for(
             get_format(spec.format),
             spec,
             context,
             reactor,
             policy=policy,
-            verbose=bool(options["verbose"]),
-            batch=not options["no-batch"],
-            reuse_port=workers > 1 or sockets is not None,
-            receive_buffer=options["receive-buffer"],
-            sock=None if sockets is None else sockets[n],
+            verbose=config.verbose,
+            batch=config.batch,
+            reuse_port=config.workers > 1,
+            receive_buffer=config.receive_buffer,
+            sock=sock,
         )
-        listener.stats.worker = worker
+        protocol = listener.protocol
+        listener.stats.worker = label
+        if metrics is not None:
+            # Observed per datagram, so kept only where it is served.
+            protocol.latency = listener.stats.latency
         listener.setName(spec.describe())  # type: ignore[no-untyped-call]
         listener.setServiceParent(top)  # type: ignore[no-untyped-call]
         top.listeners.append(listener)
-    if workers > 1:
-        top.supervisor = WorkerSupervisor(
-            top.listeners, workers, options.argv, reactor, options["receive-buffer"]
-        )
+    if supervise:
+        top.supervisor = WorkerSupervisor(top.listeners, config, reactor)
         top.supervisor.setServiceParent(top)  # type: ignore[no-untyped-call]
-    if options["metrics"] is not None and sockets is None:
-        for listener in top.listeners:
-            listener.protocol.latency = listener.stats.latency
-        host, port = options["metrics"]
+    if metrics is not None:
         site = metrics_site(UdptimeCollector(top.stats, _gauges(policy)))
-        metrics = internet.TCPServer(port, site, interface=host, reactor=reactor)
-        metrics.setName("metrics")
-        metrics.setServiceParent(top)
-    if options["summary-interval"]:
+        server = internet.TCPServer(
+            metrics.port, site, interface=metrics.host, reactor=reactor
+        )
+        server.setName("metrics")
+        server.setServiceParent(top)
+    if config.summary_interval:
         # Workers log their own summaries; this process summarises its own.
         summary = SummaryService(
-            options["summary-interval"],
+            config.summary_interval,
             lambda: [listener.stats for listener in top.listeners],
             reactor,
         )

@@ -1,14 +1,17 @@
-"""Entry point of one ``--workers`` process: ``python -m udptime.worker INDEX COUNT ARGS``.
+"""Entry point of one ``--workers`` process: ``python -m udptime.worker INDEX``.
 
 Started by :class:`udptime.workers.WorkerSupervisor` with its listening
-sockets as descriptors 3.. (one per listener, in ``--listen`` order) and the
-same udptime options. Logs go to stderr as JSON lines and counter snapshots
-to stdout once a second, both read by the supervisor; stdin is a pipe from
-the supervisor whose closing means it is gone, so the worker stops too.
+sockets as descriptors 3.. (one per listener, in ``Config.listeners`` order).
+Its stdin is a pipe from the supervisor: the first line is the twistd
+process's :class:`udptime.config.Config` as JSON, and the pipe's closing
+means the supervisor is gone, so the worker stops too. Logs go to stderr as
+JSON lines and counter snapshots to stdout once a second, both read by the
+supervisor.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 
@@ -17,7 +20,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import globalLogBeginner, jsonFileLogObserver
 from twisted.python.failure import Failure
 
-from udptime.tap import Options, build_service
+from udptime.config import Config
+from udptime.tap import WorkerRole, build_service
 from udptime.workers import snapshot_line
 
 
@@ -32,13 +36,26 @@ class _Supervisor(Protocol):
             self._reactor.stop()  # type: ignore[attr-defined]
 
 
+def read_config(fd: int = 0) -> Config:
+    """The configuration line the supervisor writes first to *fd*.
+
+    Read with ``os.read`` rather than a buffered file: nothing past the line
+    may be consumed before ``StandardIO`` takes the descriptor over.
+    """
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise SystemExit("udptime worker: stdin closed before the configuration")
+        data += chunk
+    return Config.from_json(data.decode("utf-8"))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    index, count, rest = args[0], int(args[1]), args[2:]
-    options = Options()
-    options.parseOptions(rest)
-    options["metrics"] = None  # the supervisor serves metrics for all workers
-    sockets = [socket.socket(fileno=3 + n) for n in range(count)]
+    index = int(args[0])
+    config = read_config()
+    sockets = tuple(socket.socket(fileno=3 + n) for n in range(len(config.listeners)))
     for sock in sockets:
         sock.setblocking(False)
 
@@ -47,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     globalLogBeginner.beginLoggingTo(
         [jsonFileLogObserver(sys.stderr, recordSeparator="")], redirectStandardIO=False
     )
-    server = build_service(options, reactor, sockets=sockets, worker=index)
+    server = build_service(config, reactor, worker=WorkerRole(index, sockets))
     link = _Supervisor(reactor)
     pipe = stdio.StandardIO(link, reactor=reactor)
 

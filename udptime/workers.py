@@ -9,8 +9,9 @@ socket adopted by every worker would instead split each source over all
 workers and multiply its budget by N, and wake them all for every datagram.)
 
 The twistd process serves socket 0 itself and supervises workers 1..N-1:
-each is ``python -m udptime.worker`` holding its sockets as inherited
-descriptors. Workers log JSON events to stderr and write counter snapshots
+each is ``python -m udptime.worker INDEX`` holding its sockets as inherited
+descriptors and reading the twistd process's configuration (``Config``, as
+one line of JSON) from its stdin, so it never parses a command line. Workers log JSON events to stderr and write counter snapshots
 to stdout; the supervisor re-publishes the events with a ``worker`` field
 and feeds the snapshots to metrics, so logs and metrics say which worker.
 A worker that dies is restarted after a second; stopping the service
@@ -34,6 +35,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
+from udptime.config import Config
 from udptime.counters import Counters, LatencyHistogram
 from udptime.listener import TimeListener, bind_socket
 from udptime.metrics import ListenerStats
@@ -73,16 +75,14 @@ class WorkerSupervisor(service.Service):
     def __init__(
         self,
         listeners: Sequence[TimeListener],
-        workers: int,
-        argv: Sequence[str],
+        config: Config,
         reactor: Any,
-        receive_buffer: int,
     ) -> None:
         self._listeners = list(listeners)
-        self._count = workers
-        self._argv = list(argv)
+        self._count = config.workers
+        self._config = config.to_json().encode() + b"\n"
         self._reactor = reactor
-        self._receive_buffer = receive_buffer
+        self._receive_buffer = config.receive_buffer
         self._sockets: dict[int, list[socket.socket]] = {}
         self._running: dict[int, tuple[Any, _WorkerProtocol]] = {}
         #: the latest counters each worker reported, per listener
@@ -115,17 +115,13 @@ class WorkerSupervisor(service.Service):
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
         child_fds.update({3 + n: fd for n, fd in enumerate(fds)})
         protocol = _WorkerProtocol(self, index)
-        args = [
-            sys.executable,
-            "-m",
-            "udptime.worker",
-            str(index),
-            str(len(fds)),
-            *self._argv,
-        ]
+        args = [sys.executable, "-m", "udptime.worker", str(index)]
         process = self._reactor.spawnProcess(
             protocol, sys.executable, args, env=dict(os.environ), childFDs=child_fds
         )
+        # The worker's first read: its configuration. Nothing else is ever
+        # written to its stdin; closing it tells the worker to stop.
+        process.writeToChild(0, self._config)
         self._running[index] = (process, protocol)
         self.log.info(
             "worker {worker} started as pid {pid}", worker=str(index), pid=process.pid

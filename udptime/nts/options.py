@@ -7,10 +7,10 @@ For the tap (``udptime.tap``)::
 
         def postOptions(self):
             ...
-            check_nts_options(self)
+            self.config = Config(..., nts=nts_config(self, listeners))
 
-    def build_service(options, reactor, ...):
-        ke_services, nts_factory = nts_services(options, reactor, ntp_port)
+    def build_service(config, reactor, ...):
+        ke_services, nts_factory = nts_services(config, reactor, ntp_port)
         for each ntp listener:
             responder = (nts_factory or fmt.make_responder)(settings)
         for svc in ke_services:
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from OpenSSL import SSL
@@ -34,7 +35,16 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
-from udptime.listenspec import ListenSpecError, parse_host, parse_port
+from udptime.config import (
+    DEFAULT_KEYS_FILE,
+    Config,
+    NtsConfig,
+    coerce,
+    parse_file_name,
+    parse_positive,
+    parse_seconds,
+)
+from udptime.listenspec import ListenSpec, ListenSpecError, parse_host, parse_port
 from udptime.nts.cookies import DEFAULT_ROTATE, KeyFileError, KeyStore, decode_keys_file
 from udptime.nts.ke import (
     DEFAULT_KE_PORT,
@@ -48,10 +58,7 @@ from udptime.nts.ke import (
     tls_context,
 )
 from udptime.nts.responder import CookieJar
-from udptime.policy import Policy, PolicyError, RateLimit, parse_rate_limit
-
-#: Relative paths are to the working directory (twistd's ``--rundir``).
-DEFAULT_KEYS_FILE = "udptime-nts-keys.json"
+from udptime.policy import Policy, parse_rate_limit
 
 
 def parse_ke_address(text: str) -> tuple[str, int]:
@@ -69,34 +76,18 @@ def parse_ke_address(text: str) -> tuple[str, int]:
             raise ListenSpecError("put an IPv6 address in brackets, [ADDRESS]:PORT")
         return parse_host(host), parse_port(port_text)
     except ListenSpecError as exc:
-        raise usage.UsageError(f"--nts-ke {text!r}: {exc}") from None
+        raise ListenSpecError(f"--nts-ke {text!r}: {exc}") from None
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise usage.UsageError(f"expected seconds, not {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise usage.UsageError(f"expected a positive number of seconds, not {text!r}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise usage.UsageError(f"expected a whole number, not {text!r}") from None
-    if value < 1:
-        raise usage.UsageError(f"expected a number >= 1, not {text!r}")
-    return value
-
-
-def _ke_rate(text: str) -> RateLimit | None:
-    try:
-        return parse_rate_limit(text)
-    except PolicyError as exc:
-        raise usage.UsageError(f"--nts-ke-rate-limit: {exc}") from None
+def parse_server_name(text: str) -> str:
+    """A name or address for NTS-KE's NTPv4 Server Negotiation record."""
+    raw = text.encode("ascii", "replace")
+    if not 1 <= len(raw) <= 255 or not all(0x21 <= b <= 0x7E for b in raw):
+        raise ValueError(
+            f"expected a host name or address (printable ASCII, no spaces), "
+            f"not {text!r}"
+        )
+    return text
 
 
 NTS_OPT_PARAMETERS: list[list[Any]] = [
@@ -110,10 +101,22 @@ NTS_OPT_PARAMETERS: list[list[Any]] = [
             "NTS on the ntp listeners. Off by default; needs --tls-cert and "
             "--tls-key."
         ),
-        parse_ke_address,
+        coerce("--nts-ke", parse_ke_address),
     ],
-    ["tls-cert", None, None, "NTS-KE: TLS certificate chain, PEM (leaf first)."],
-    ["tls-key", None, None, "NTS-KE: TLS private key, PEM."],
+    [
+        "tls-cert",
+        None,
+        None,
+        "NTS-KE: TLS certificate chain, PEM (leaf first).",
+        coerce("--tls-cert", parse_file_name),
+    ],
+    [
+        "tls-key",
+        None,
+        None,
+        "NTS-KE: TLS private key, PEM.",
+        coerce("--tls-key", parse_file_name),
+    ],
     [
         "nts-keys",
         None,
@@ -123,6 +126,7 @@ NTS_OPT_PARAMETERS: list[list[Any]] = [
             "when missing). Share it so restarts and other servers open the "
             "same cookies."
         ),
+        coerce("--nts-keys", parse_file_name),
     ],
     [
         "nts-server",
@@ -132,6 +136,7 @@ NTS_OPT_PARAMETERS: list[list[Any]] = [
             "NTS-KE: NTP server name or address to send clients (NTPv4 Server "
             "Negotiation); default: none, clients use the NTS-KE server's address."
         ),
+        coerce("--nts-server", parse_server_name),
     ],
     [
         "nts-rotate",
@@ -141,85 +146,62 @@ NTS_OPT_PARAMETERS: list[list[Any]] = [
             "NTS: seconds between cookie key rotations; a key still opens "
             "cookies for two more periods."
         ),
-        _seconds,
+        coerce("--nts-rotate", parse_seconds),
     ],
     [
         "nts-ke-rate-limit",
         None,
-        DEFAULT_KE_RATE_LIMIT,
+        str(DEFAULT_KE_RATE_LIMIT),
         "NTS-KE: connections per source RATE/BURST (per second / bucket), or 'off'.",
-        _ke_rate,
+        coerce("--nts-ke-rate-limit", parse_rate_limit),
     ],
     [
         "nts-ke-connections",
         None,
         DEFAULT_MAX_CONNECTIONS,
         "NTS-KE: most sessions at once; more are refused.",
-        _positive,
+        coerce("--nts-ke-connections", parse_positive),
     ],
     [
         "nts-ke-timeout",
         None,
         DEFAULT_TIMEOUT,
         "NTS-KE: seconds a session may take, TLS handshake included.",
-        _seconds,
+        coerce("--nts-ke-timeout", parse_seconds),
     ],
 ]
 
 
-def _text_defaults(options: Any) -> None:
-    """Coerce values that arrived as text (defaults written as text, say)."""
-    for key, parse in (
-        ("nts-rotate", _seconds),
-        ("nts-ke-timeout", _seconds),
-        ("nts-ke-connections", _positive),
-        ("nts-ke-rate-limit", _ke_rate),
-    ):
-        if isinstance(options[key], str):
-            options[key] = parse(options[key])
-    if isinstance(options["nts-ke"], str):
-        options["nts-ke"] = parse_ke_address(options["nts-ke"])
+def nts_config(
+    options: Mapping[str, Any], listeners: Sequence[ListenSpec]
+) -> NtsConfig | None:
+    """The NTS part of the config from coerced options, or ``None`` when off.
 
-
-def _check_server_name(name: str) -> None:
-    raw = name.encode("ascii", "replace")
-    if not 1 <= len(raw) <= 255 or not all(0x21 <= b <= 0x7E for b in raw):
-        raise usage.UsageError(
-            f"--nts-server {name!r}: expected a host name or address "
-            "(printable ASCII, no spaces)"
-        )
-
-
-def check_nts_options(options: Any) -> None:
-    """Refuse NTS settings that cannot work, with the message twistd prints."""
-    _text_defaults(options)
+    Refuses settings that cannot work together, with the message twistd
+    prints: the TLS certificate and key are loaded and the keys file read
+    here, while twistd still has the privileges it starts with.
+    """
     if options["nts-ke"] is None:
         given = [
-            f"--{key}" for key in ("tls-cert", "tls-key", "nts-server") if options[key]
+            f"--{key}"
+            for key in ("tls-cert", "tls-key", "nts-server")
+            if options[key] is not None
         ]
         if given:
             raise usage.UsageError(f"{', '.join(given)}: only used with --nts-ke")
-        return
+        return None
     cert, key = options["tls-cert"], options["tls-key"]
-    if not cert or not key:
+    if cert is None or key is None:
         raise usage.UsageError("--nts-ke needs --tls-cert and --tls-key")
-    unreadable = [
-        p for p in (cert, key) if os.path.exists(p) and not os.access(p, os.R_OK)
-    ]
+    if not any(spec.format == "ntp" for spec in listeners):
+        raise usage.UsageError("--nts-ke needs an ntp listener (--listen ntp@...)")
     try:
-        # A worker started after --uid may not read the key: the main process
-        # (privileged when it reads them) has checked them already.
-        if not unreadable:
-            tls_context(cert, key)
+        tls_context(cert, key)
     except (SSL.Error, OSError) as exc:
         raise usage.UsageError(
             f"--tls-cert {cert!r} / --tls-key {key!r}: cannot use them ({exc})"
         ) from None
-    if options["nts-server"] is not None:
-        _check_server_name(options["nts-server"])
     path = options["nts-keys"]
-    if not path:
-        raise usage.UsageError("--nts-keys: a file name is needed")
     try:
         with open(path, "rb") as f:
             decode_keys_file(f.read())
@@ -233,9 +215,19 @@ def check_nts_options(options: Any) -> None:
         pass  # checked again when loaded, as the user the server runs as
     except (OSError, KeyFileError) as exc:
         raise usage.UsageError(f"--nts-keys {path!r}: {exc}") from None
-    listeners = getattr(options, "listeners", None)
-    if listeners is not None and not any(s.format == "ntp" for s in listeners):
-        raise usage.UsageError("--nts-ke needs an ntp listener (--listen ntp@...)")
+    host, port = options["nts-ke"]
+    return NtsConfig(
+        ke_host=host,
+        ke_port=port,
+        tls_cert=cert,
+        tls_key=key,
+        keys_file=path,
+        server_name=options["nts-server"],
+        rotate=options["nts-rotate"],
+        ke_rate_limit=options["nts-ke-rate-limit"],
+        ke_connections=options["nts-ke-connections"],
+        ke_timeout=options["nts-ke-timeout"],
+    )
 
 
 class KeService(internet.TCPServer):
@@ -298,13 +290,13 @@ class NtsKeysService(service.Service):
 
 
 def nts_services(
-    options: Any,
+    config: Config,
     reactor: Any,
     ntp_port: int,
     *,
     serve_ke: bool = True,
 ) -> tuple[list[IService], CookieJar | None]:
-    """The NTS services and the cookie keys NTS responders use, or ``([], None)``.
+    """The NTS services and the ``ntp`` responder factory, or ``([], None)``.
 
     Add every returned service to the server's ``MultiService``: the keys
     file's loader (see :class:`NtsKeysService`) and, with *serve_ke*, the
@@ -314,17 +306,16 @@ def nts_services(
     Worker processes pass ``serve_ke=False``: the main process serves NTS-KE
     and they answer NTS requests from the shared keys file.
     """
-    if options["nts-ke"] is None:
+    nts = config.nts
+    if nts is None:
         return [], None
-    _text_defaults(options)
-    store = KeyStore(options["nts-keys"], reactor.seconds, rotate=options["nts-rotate"])
+    store = KeyStore(nts.keys_file, reactor.seconds, rotate=nts.rotate)
     keys = NtsKeysService(store)
     keys.setName("nts-keys")  # type: ignore[no-untyped-call]
     services: list[IService] = [keys]
     if serve_ke:
-        host, port = options["nts-ke"]
         try:
-            context = tls_context(options["tls-cert"], options["tls-key"])
+            context = tls_context(nts.tls_cert, nts.tls_key)
         except (SSL.Error, OSError) as exc:
             sys.stderr.write(f"udptime: NTS-KE TLS certificate or key: {exc}\n")
             sys.stderr.flush()
@@ -332,23 +323,23 @@ def nts_services(
         ke = KeFactory(
             store,
             reactor,
-            KeSettings(ntp_port=ntp_port, ntp_server=options["nts-server"]),
-            timeout=options["nts-ke-timeout"],
-            verbose=bool(options.get("verbose")),
+            KeSettings(ntp_port=ntp_port, ntp_server=nts.server_name),
+            timeout=nts.ke_timeout,
+            verbose=config.verbose,
         )
         policy = Policy(
-            rate_limit=options["nts-ke-rate-limit"],
-            allow=options.get("allow") or (),
-            deny=options.get("deny") or (),
+            rate_limit=nts.ke_rate_limit,
+            allow=config.policy.allow,
+            deny=config.policy.deny,
             loop_ports=(),
         )
         tls = KeTlsFactory(
             TlsServerCreator(context),
             ke,
             policy=policy,
-            max_connections=options["nts-ke-connections"],
+            max_connections=nts.ke_connections,
         )
-        ke_service = KeService(host, port, tls, reactor)
+        ke_service = KeService(nts.ke_host, nts.ke_port, tls, reactor)
         ke_service.setName("nts-ke")  # type: ignore[no-untyped-call]
         services.append(ke_service)
     return services, store
