@@ -279,6 +279,8 @@ def parse_address(text: str) -> tuple[str, int]:
         if not sep:
             raise ServerListError(f"bad address {text!r}")
         try:
+            if "%" in host:  # zone identifiers are not allowed
+                raise ValueError(host)
             ipaddress.IPv6Address(host)
         except ValueError:
             raise ServerListError(f"bad IPv6 address in {text!r}") from None
