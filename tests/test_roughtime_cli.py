@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from twisted.trial import unittest
 
@@ -42,7 +43,7 @@ class ServedResponder:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _receive(self, until: float) -> tuple[bytes, object] | None:
+    def _receive(self, until: float) -> tuple[bytes, Any] | None:
         while not self._stop.is_set():
             left = until - time.monotonic()
             if left <= 0:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from typing import Any
 
 from twisted.trial import unittest
 
@@ -203,7 +205,7 @@ class ChainTests(unittest.TestCase):
             now = NOW + n + offset
             delegation = keys.delegate(root, now - 100, now + 100)
             server = RoughtimeResponder(
-                delegation, lambda: (True, 0), now_ns=lambda now=now: now * NS
+                delegation, lambda: (True, 0), now_ns=functools.partial(int, now * NS)
             )
             rand = None if previous is None else bytes([n]) * 32
             nonce = (
@@ -229,7 +231,7 @@ class ChainTests(unittest.TestCase):
         self.assertEqual(len(verify.verify_chain(verify.parse_report(report))), 3)
 
     def test_bad_reports(self) -> None:
-        for document in (
+        documents: list[dict[str, Any]] = [
             {},
             {"responses": []},
             {"responses": [{"publicKey": "AAAA", "request": 1, "response": "AAAA"}]},
@@ -239,5 +241,6 @@ class ChainTests(unittest.TestCase):
                     {"publicKey": "AAAA", "request": "AAAA", "response": "AAAA"},
                 ]
             },
-        ):
+        ]
+        for document in documents:
             self.assertRaises(verify.ServerListError, verify.parse_report, document)
