@@ -1,0 +1,216 @@
+"""The Roughtime responder: one batch of requests in, one signature out.
+
+Every answerable request of a batch becomes a leaf of one Merkle tree whose
+root goes into one SREP, signed once by the online key (section 5.3): the
+signature, by far the dearest step, is shared by the whole batch. Sans-I/O:
+the clock, the kernel's clock state and the delegation are handed in.
+
+What a reply claims (sections 5.2.5 and 9.7):
+
+- MIDP is the time of signing, rounded to the second, taken after every
+  request of the batch was received.
+- RADI covers the kernel's maximum error plus that rounding, in whole
+  seconds, and is never below ``min_radius`` (3 by default: the RFC's floor
+  for servers without leap-second information, which this one is).
+- An unsynchronised clock (or no clock state at all) is not answered for,
+  unless the operator set a ``local_radius``: then that radius is claimed.
+- Outside the delegation's MINT..MAXT nobody is answered.
+- A reply is never longer than its request.
+
+Roughtime has no error replies: refused requests get nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from udptime.roughtime import wire
+from udptime.roughtime.keys import Delegation
+from udptime.roughtime.merkle import MerkleTree
+
+#: What the kernel says: (synchronised, maximum error in microseconds), or
+#: ``None`` when it cannot be asked.
+ClockState = tuple[bool, int] | None
+
+MIN_RADIUS = 3
+NS_PER_SECOND = 1_000_000_000
+#: Leaves per tree: a PATH of 10 hashes keeps a reply at 736 bytes, well
+#: under any request we answer. Larger batches are split.
+MAX_TREE_LEAVES = 1024
+
+
+@dataclass
+class RoughtimeCounters:
+    """What the responder did; plain ints for the metrics to read."""
+
+    answered: int = 0
+    signatures: int = 0
+    batch_count: int = 0
+    batch_leaves: int = 0
+    too_small: int = 0
+    malformed: int = 0
+    unsupported_version: int = 0
+    wrong_server: int = 0
+    unsynchronised: int = 0
+    expired: int = 0
+    not_yet_valid: int = 0
+    oversized: int = 0
+
+
+class RoughtimeResponder:
+    """Answers Roughtime version 1 requests with one delegation."""
+
+    #: Replies are signed whole; nothing is stamped late.
+    late_stamp = False
+    #: Only well-formed requests are answered, never arbitrary datagrams.
+    echoes_anything = False
+    #: No refusal is ever sent (section 5.2).
+    kisses = False
+
+    def __init__(
+        self,
+        delegation: Delegation,
+        clock_state: Callable[[], ClockState],
+        *,
+        now_ns: Callable[[], int] = time.time_ns,
+        min_radius: int = MIN_RADIUS,
+        local_radius: int | None = None,
+        min_request_size: int = wire.MIN_REQUEST_SIZE,
+    ) -> None:
+        if min_radius < 1:
+            raise ValueError("RADI must not be zero")
+        if local_radius is not None and local_radius < 1:
+            raise ValueError("the local radius must be at least 1 second")
+        if min_request_size < wire.response_size(0):
+            raise ValueError("requests that small could not hold a reply")
+        self.delegation = delegation
+        self._clock_state = clock_state
+        self._now_ns = now_ns
+        self.min_radius = min_radius
+        self.local_radius = local_radius
+        self.min_request_size = min_request_size
+        self.counters = RoughtimeCounters()
+
+    def answer(self, request: bytes, received_ns: int) -> bytes | None:
+        """A batch of one."""
+        return self.answer_batch([request], [received_ns])[0][0]
+
+    def answer_batch(
+        self, requests: Sequence[bytes], received_ns: Sequence[int]
+    ) -> tuple[list[bytes | None], Sequence[int]]:
+        """Replies aligned with *requests* (``None``: no reply), and the
+        indices of complete replies, which for Roughtime is all of them."""
+        replies: list[bytes | None] = [None] * len(requests)
+        everyone = range(len(requests))
+        parsed = [self._parse(datagram) for datagram in requests]
+        valid = [(i, r) for i, r in enumerate(parsed) if r is not None]
+        if not valid:
+            return replies, everyone
+        latest = max(received_ns[i] for i, _ in valid)
+        now = max(self._now_ns(), latest)
+        claim = self._claim(now, len(valid))
+        if claim is None:
+            return replies, everyone
+        midpoint, radius = claim
+        for start in range(0, len(valid), MAX_TREE_LEAVES):
+            self._sign_tree(
+                valid[start : start + MAX_TREE_LEAVES], midpoint, radius, replies
+            )
+        return replies, everyone
+
+    def stamp(self) -> bytes:
+        raise NotImplementedError("Roughtime replies are signed whole")
+
+    def refuse(self, request: bytes, why: bytes) -> bytes | None:
+        """Nothing: Roughtime has no refusal to send (section 5.2)."""
+        return None
+
+    def radius(self, state: ClockState, rounding_us: int = 0) -> int | None:
+        """The RADI to claim for a clock in *state* with a MIDP *rounding_us*
+        off the true signing time, or ``None`` when the server must not answer.
+
+        The error covered is the kernel's maximum error while synchronised,
+        else the operator's ``local_radius`` (if any), plus the rounding.
+        """
+        if state is not None and state[0]:
+            error_us = max(state[1], 0)
+        elif self.local_radius is not None:
+            error_us = self.local_radius * 1_000_000
+        else:
+            return None
+        radius = max(self.min_radius, -(-(error_us + rounding_us) // 1_000_000))
+        return min(radius, 0xFFFFFFFF)
+
+    def _parse(self, datagram: bytes) -> wire.Request | None:
+        counters = self.counters
+        try:
+            request = wire.parse_request(datagram, min_size=self.min_request_size)
+        except wire.RequestTooSmall:
+            counters.too_small += 1
+            return None
+        except wire.RequestError:
+            counters.malformed += 1
+            return None
+        if wire.VERSION_1 not in request.versions:
+            counters.unsupported_version += 1
+            return None
+        if request.srv is not None and request.srv != self.delegation.srv:
+            counters.wrong_server += 1
+            return None
+        return request
+
+    def _claim(self, now_ns: int, count: int) -> tuple[int, int] | None:
+        """(MIDP, RADI) for a batch signed at *now_ns*, or ``None`` (counted
+        against the *count* requests left unanswered)."""
+        counters = self.counters
+        midpoint, remainder = divmod(now_ns + NS_PER_SECOND // 2, NS_PER_SECOND)
+        rounding_us = -(-abs(remainder - NS_PER_SECOND // 2) // 1000)
+        radius = self.radius(self._clock_state(), rounding_us)
+        if radius is None:
+            counters.unsynchronised += count
+            return None
+        if midpoint > self.delegation.maxt:
+            counters.expired += count
+            return None
+        if midpoint < self.delegation.mint:
+            counters.not_yet_valid += count
+            return None
+        return midpoint, radius
+
+    def _sign_tree(
+        self,
+        leaves: Sequence[tuple[int, wire.Request]],
+        midpoint: int,
+        radius: int,
+        replies: list[bytes | None],
+    ) -> None:
+        counters = self.counters
+        delegation = self.delegation
+        tree = MerkleTree([request.packet for _, request in leaves])
+        srep = wire.encode_srep(
+            version=wire.VERSION_1,
+            radius=radius,
+            midpoint=midpoint,
+            versions=wire.SUPPORTED_VERSIONS,
+            root=tree.root,
+        )
+        signature = delegation.sign(srep)
+        counters.signatures += 1
+        counters.batch_count += 1
+        counters.batch_leaves += len(leaves)
+        for leaf, (i, request) in enumerate(leaves):
+            reply = wire.encode_response(
+                signature=signature,
+                nonce=request.nonce,
+                path=tree.path(leaf),
+                srep=srep,
+                cert=delegation.cert,
+                index=leaf,
+            )
+            if len(reply) > len(request.packet):
+                counters.oversized += 1
+                continue
+            replies[i] = reply
+            counters.answered += 1
