@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from twisted.application import internet, service
+from twisted.application import service
 from twisted.python import usage
 
 from udptime.clockstate import ClockStateCache, read_kernel_clock
@@ -20,12 +20,8 @@ from udptime.listenspec import (
     parse_listen,
     parse_port,
 )
-from udptime.metrics import (
-    ListenerStats,
-    UdptimeCollector,
-    metrics_site,
-    parse_metrics_address,
-)
+from udptime.metrics import ListenerStats, UdptimeCollector, parse_metrics_address
+from udptime.metrics_site import Health, MetricsService, host_port, metrics_site
 from udptime.ntp import refid_from_text
 from udptime.nts.options import NTS_OPT_PARAMETERS, check_nts_options, nts_services
 from udptime.policy import (
@@ -335,6 +331,26 @@ def _gauges(policy: Policy | None) -> Callable[[], dict[str, tuple[str, float]]]
     return gauges
 
 
+def _health(top: UdptimeService, workers: int) -> Health:
+    """``/healthz``: serving while every listener, worker and NTS-KE port is."""
+
+    def health() -> tuple[bool, str]:
+        states = []
+        for listener in top.listeners:
+            where = host_port(listener.stats.address, listener.stats.port)
+            states.append((f"{listener.stats.format}@{where}", bool(listener.running)))
+        states += [("NTS-KE", bool(s.running)) for s in top if s.name == "nts-ke"]
+        lines = [f"{name}: {'serving' if up else 'stopped'}" for name, up in states]
+        ok = all(up for _, up in states)
+        if top.supervisor is not None:
+            running = len(top.supervisor.pids())
+            ok = ok and running == workers - 1
+            lines.append(f"worker processes: {running} of {workers - 1} running")
+        return ok, "\n".join(lines)
+
+    return health
+
+
 class UdptimeService(service.MultiService):
     """All of one udptime process: listeners, workers, metrics, summaries."""
 
@@ -445,10 +461,11 @@ def build_service(
         for listener in top.listeners:
             listener.protocol.latency = listener.stats.latency
         host, port = options["metrics"]
-        site = metrics_site(UdptimeCollector(top.stats, _gauges(policy)))
-        metrics = internet.TCPServer(port, site, interface=host, reactor=reactor)
-        metrics.setName("metrics")
-        metrics.setServiceParent(top)
+        collector = UdptimeCollector(top.stats, _gauges(policy))
+        site = metrics_site(collector, reactor, _health(top, workers))
+        metrics = MetricsService(host, port, site, reactor)
+        metrics.setName("metrics")  # type: ignore[no-untyped-call]
+        metrics.setServiceParent(top)  # type: ignore[no-untyped-call]
     if options["summary-interval"]:
         # Workers log their own summaries; this process summarises its own.
         summary = SummaryService(
