@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
@@ -133,6 +135,57 @@ class DeadlineTests(unittest.TestCase):
         protocol.connectionLost(Failure(ConnectionError("gone")))
         self.assertEqual(clock.getDelayedCalls(), [])
         self.assertEqual(factory.active, 0)
+
+
+class AnyBytesTests(unittest.TestCase):
+    @given(
+        st.lists(
+            st.one_of(
+                st.binary(max_size=200),
+                st.sampled_from(
+                    [
+                        request(b"/metrics"),
+                        request(b"/healthz"),
+                        request(b"/x", b"Content-Length: 3", method=b"PUT"),
+                        b"GET /metrics HTTP/1.1\r\n",
+                        b"Transfer-Encoding: chunked\r\n\r\n",
+                        b"\r\n",
+                    ]
+                ),
+            ),
+            max_size=8,
+        ),
+        st.lists(st.floats(0, 2 * IDLE_TIMEOUT), min_size=8, max_size=8),
+    )
+    def test_any_bytes_at_any_pace(
+        self, chunks: list[bytes], gaps: list[float]
+    ) -> None:
+        """No exception, nothing open for ever, no timer or slot left behind."""
+        clock = Clock()
+        factory = site(clock)
+        protocol, transport = connect(factory)
+
+        def closed() -> bool:
+            # As a reactor would: connectionLost once the transport is closing.
+            if transport.disconnecting:
+                protocol.connectionLost(Failure(ConnectionError("closed")))
+            return bool(transport.disconnecting)
+
+        def wait(seconds: float) -> bool:
+            for _ in range(int(seconds * 2) + 1):
+                clock.advance(0.5)
+                if closed():
+                    return True
+            return False
+
+        for chunk, gap in zip(chunks, gaps, strict=False):
+            protocol.dataReceived(chunk)
+            if closed() or wait(gap):
+                break
+        else:
+            self.assertTrue(wait(REQUEST_TIMEOUT + IDLE_TIMEOUT + 1))
+        self.assertEqual(factory.active, 0)
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 class RequestTests(unittest.TestCase):
