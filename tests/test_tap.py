@@ -264,7 +264,7 @@ class RoleTests(unittest.TestCase):
                 "TimeListener",
                 "TimeListener",
                 "WorkerSupervisor",
-                "TCPServer",
+                "MetricsService",
                 "SummaryService",
             ],
         )

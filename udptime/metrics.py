@@ -3,8 +3,9 @@
 The hot path only bumps integers (:class:`udptime.counters.Counters`) and
 bucket counts (:class:`LatencyHistogram`); the collector here turns them into
 metric families when Prometheus asks, so metrics cost nothing per datagram
-beyond those increments. ``prometheus_client`` is imported lazily:
-``prometheus_client.twisted`` installs the global reactor on import.
+beyond those increments. ``prometheus_client`` is imported lazily, and
+the HTTP side lives in :mod:`udptime.metrics_site`, so the listeners that
+import this module load neither.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-
-from twisted.web.server import Site
 
 from udptime.counters import Counters, LatencyHistogram
 
@@ -102,25 +101,3 @@ def parse_metrics_address(text: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise ValueError(f"--metrics {text!r}: port out of range 0-65535")
     return host, port
-
-
-class QuietSite(Site):
-    """No access log line per scrape: a scrape every 15 s is not news."""
-
-    def log(self, request: object) -> None:
-        pass
-
-
-def metrics_site(collector: UdptimeCollector) -> Any:
-    """A ``twisted.web`` site serving ``/metrics`` from a registry of our own."""
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.twisted import MetricsResource
-    from twisted.web.resource import Resource
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    root = Resource()
-    root.putChild(b"metrics", MetricsResource(registry=registry))  # type: ignore[no-untyped-call]
-    site = QuietSite(root)  # type: ignore[no-untyped-call]
-    site.noisy = False
-    return site

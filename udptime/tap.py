@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from twisted.application import internet, service
+from twisted.application import service
 from twisted.python import usage
 
 from udptime import __version__
@@ -46,12 +46,8 @@ from udptime.listenspec import (
     parse_listen,
     parse_port,
 )
-from udptime.metrics import (
-    ListenerStats,
-    UdptimeCollector,
-    metrics_site,
-    parse_metrics_address,
-)
+from udptime.metrics import ListenerStats, UdptimeCollector, parse_metrics_address
+from udptime.metrics_site import Health, MetricsService, host_port, metrics_site
 from udptime.ntp import refid_from_text
 from udptime.nts.options import NTS_OPT_PARAMETERS, nts_config, nts_services
 from udptime.policy import (
@@ -361,6 +357,26 @@ def _gauges(policy: Policy | None) -> Callable[[], dict[str, tuple[str, float]]]
     return gauges
 
 
+def _health(top: UdptimeService, workers: int) -> Health:
+    """``/healthz``: serving while every listener, worker and NTS-KE port is."""
+
+    def health() -> tuple[bool, str]:
+        states = []
+        for listener in top.listeners:
+            where = host_port(listener.stats.address, listener.stats.port)
+            states.append((f"{listener.stats.format}@{where}", bool(listener.running)))
+        states += [("NTS-KE", bool(s.running)) for s in top if s.name == "nts-ke"]
+        lines = [f"{name}: {'serving' if up else 'stopped'}" for name, up in states]
+        ok = all(up for _, up in states)
+        if top.supervisor is not None:
+            running = len(top.supervisor.pids())
+            ok = ok and running == workers - 1
+            lines.append(f"worker processes: {running} of {workers - 1} running")
+        return ok, "\n".join(lines)
+
+    return health
+
+
 class UdptimeService(service.MultiService):
     """All of one udptime process: listeners, workers, metrics, summaries."""
 
@@ -488,12 +504,11 @@ def build_service(
         top.supervisor = WorkerSupervisor(top.listeners, config, reactor)
         top.supervisor.setServiceParent(top)  # type: ignore[no-untyped-call]
     if metrics is not None:
-        site = metrics_site(UdptimeCollector(top.stats, _gauges(policy)))
-        server = internet.TCPServer(
-            metrics.port, site, interface=metrics.host, reactor=reactor
-        )
-        server.setName("metrics")
-        server.setServiceParent(top)
+        collector = UdptimeCollector(top.stats, _gauges(policy))
+        site = metrics_site(collector, reactor, _health(top, config.workers))
+        server = MetricsService(metrics.host, metrics.port, site, reactor)
+        server.setName("metrics")  # type: ignore[no-untyped-call]
+        server.setServiceParent(top)  # type: ignore[no-untyped-call]
     if config.summary_interval:
         # Workers log their own summaries; this process summarises its own.
         summary = SummaryService(
