@@ -307,6 +307,28 @@ class Policy:
         # Port 0 is never a real client: replying to it only feeds a loop.
         self._echo_guard = frozenset(loop_ports) | {0}
 
+        self._set_lists(allow, deny)
+        self._open = rate_limit is None and not self._acl
+
+    def replace_lists(
+        self, allow: Iterable[str | Network], deny: Iterable[str | Network]
+    ) -> None:
+        """New access lists (a reload): sources now refused leave the table.
+
+        Table entries skip the lists on a hit, so each kept entry is checked
+        against the new lists once, here; the rate-limit state of sources
+        still admitted is kept.
+        """
+        self._set_lists(allow, deny)
+        self._open = self._rate_limit is None and not self._acl
+        if self._acl:
+            for key in list(self._table):
+                if self._refused(key if len(key) == 4 else key + bytes(8)):
+                    del self._table[key]
+
+    def _set_lists(
+        self, allow: Iterable[str | Network], deny: Iterable[str | Network]
+    ) -> None:
         allowed = _as_networks(allow)
         denied = _as_networks(deny)
         self._acl = bool(allowed or denied)
@@ -324,7 +346,6 @@ class Policy:
         self._recheck6 = any(
             n.version == 6 and n.prefixlen > 64 for n in (*allowed, *denied)
         )
-        self._open = rate_limit is None and not self._acl
 
     @property
     def rate_limit(self) -> RateLimit | None:
@@ -401,9 +422,9 @@ class Policy:
         else:
             key = packed
 
-        # A source in the table passed the access lists when it was added,
-        # and the lists never change, so a hit skips them unless a rule is
-        # finer than the key (an IPv6 prefix longer than /64).
+        # A source in the table passed the access lists when it was added
+        # (a reload drops the entries it refuses), so a hit skips them unless
+        # a rule is finer than the key (an IPv6 prefix longer than /64).
         table = self._table
         bucket = table.get(key)
         if bucket is None or recheck:
