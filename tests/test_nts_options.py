@@ -21,10 +21,10 @@ from udptime import tap
 from udptime.ntp import ServerState
 from udptime.nts.cookies import DEFAULT_ROTATE
 from udptime.nts.ke import DEFAULT_KE_RATE_LIMIT
+from udptime.nts.keyfile import KeyFileService
 from udptime.nts.options import (
     NTS_OPT_PARAMETERS,
     KeService,
-    NtsKeysService,
     check_nts_options,
     nts_services,
     parse_ke_address,
@@ -161,7 +161,7 @@ class CheckTests(unittest.TestCase):
         services, cookies = nts_services(options, reactor, 20123)
         self.assertEqual([s.name for s in services], ["nts-keys", "nts-ke"])
         keys, ke = services
-        assert isinstance(keys, NtsKeysService) and isinstance(ke, KeService)
+        assert isinstance(keys, KeyFileService) and isinstance(ke, KeService)
         assert cookies is not None
         local = ServerState(0, 10, -20, 0.0, 0.01, b"LOCL", None)
         ntp = NtpResponder(lambda: local, lambda: 0)
@@ -174,7 +174,8 @@ class CheckTests(unittest.TestCase):
         top.startService()
         self.addCleanup(top.stopService)
         self.assertEqual(stat.S_IMODE(os.stat(self.keys).st_mode), 0o600)
-        self.assertEqual(len(keys.store.keys), 1)
+        self.assertEqual(len(keys.holder.key_set.keys), 2)  # current and next
+        self.assertIs(ke.factory.ke.keys, keys.holder)
         self.assertGreater(ke.bound_port, 0)
 
     def test_unusable_keys_file_at_start(self) -> None:
@@ -185,7 +186,7 @@ class CheckTests(unittest.TestCase):
         self.patch(sys, "stderr", stderr)
         with self.assertRaises(SystemExit):
             services[0].startService()
-        self.assertIn("udptime: NTS keys:", stderr.getvalue())
+        self.assertIn(f"udptime: NTS keys file {self.keys}: ", stderr.getvalue())
 
     def test_unreadable_tls_key_at_service_time(self) -> None:
         options = self.parse(*self.nts())

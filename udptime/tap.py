@@ -27,6 +27,7 @@ from udptime.metrics import (
     parse_metrics_address,
 )
 from udptime.ntp import refid_from_text
+from udptime.nts.keyfile import KeyFileService
 from udptime.nts.options import NTS_OPT_PARAMETERS, check_nts_options, nts_services
 from udptime.policy import (
     DEFAULT_LOOP_PORTS,
@@ -335,6 +336,22 @@ def _gauges(policy: Policy | None) -> Callable[[], dict[str, tuple[str, float]]]
     return gauges
 
 
+def _counters(services: list[Any]) -> Callable[[], dict[str, tuple[str, float]]]:
+    keys = [s for s in services if isinstance(s, KeyFileService)]
+
+    def counters() -> dict[str, tuple[str, float]]:
+        if not keys:
+            return {}
+        return {
+            "nts_key_save_failures": (
+                "NTS keys file saves that failed (cookies stay under the saved key).",
+                float(keys[0].save_failures),
+            )
+        }
+
+    return counters
+
+
 class UdptimeService(service.MultiService):
     """All of one udptime process: listeners, workers, metrics, summaries."""
 
@@ -445,7 +462,9 @@ def build_service(
         for listener in top.listeners:
             listener.protocol.latency = listener.stats.latency
         host, port = options["metrics"]
-        site = metrics_site(UdptimeCollector(top.stats, _gauges(policy)))
+        site = metrics_site(
+            UdptimeCollector(top.stats, _gauges(policy), _counters(nts))
+        )
         metrics = internet.TCPServer(port, site, interface=host, reactor=reactor)
         metrics.setName("metrics")
         metrics.setServiceParent(top)

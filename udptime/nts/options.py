@@ -28,14 +28,14 @@ import sys
 from typing import Any
 
 from OpenSSL import SSL
-from twisted.application import internet, service
+from twisted.application import internet
 from twisted.application.service import IService
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
 from udptime.listenspec import ListenSpecError, parse_host, parse_port
-from udptime.nts.cookies import DEFAULT_ROTATE, KeyFileError, KeyStore, decode_keys_file
+from udptime.nts.cookies import DEFAULT_ROTATE, KeyFileError, decode_keys_file
 from udptime.nts.ke import (
     DEFAULT_KE_PORT,
     DEFAULT_KE_RATE_LIMIT,
@@ -47,6 +47,7 @@ from udptime.nts.ke import (
     TlsServerCreator,
     tls_context,
 )
+from udptime.nts.keyfile import KeyFileService
 from udptime.nts.responder import CookieJar
 from udptime.policy import Policy, PolicyError, RateLimit, parse_rate_limit
 
@@ -275,28 +276,6 @@ class KeService(internet.TCPServer):
         return int(port.getHost().port)
 
 
-class NtsKeysService(service.Service):
-    """Loads (or creates) the keys file in ``startService``.
-
-    That is after twistd's ``--uid``/``--gid`` have taken effect, so the file
-    and its lock are created by, and must be writable by, the user the server
-    runs as; a keys file that exists but cannot be used stops the start with
-    one line on stderr.
-    """
-
-    def __init__(self, store: KeyStore) -> None:
-        self.store = store
-
-    def startService(self) -> None:
-        try:
-            self.store.load()
-        except KeyFileError as exc:
-            sys.stderr.write(f"udptime: NTS keys: {exc}\n")
-            sys.stderr.flush()
-            raise SystemExit(1) from None
-        super().startService()  # type: ignore[no-untyped-call]
-
-
 def nts_services(
     options: Any,
     reactor: Any,
@@ -307,7 +286,7 @@ def nts_services(
     """The NTS services and the cookie keys NTS responders use, or ``([], None)``.
 
     Add every returned service to the server's ``MultiService``: the keys
-    file's loader (see :class:`NtsKeysService`) and, with *serve_ke*, the
+    file's owner (:class:`KeyFileService`) and, with *serve_ke*, the
     NTS-KE listener (:class:`KeService`, bound in ``privilegedStartService``).
     The TLS certificate and key are read here, while still privileged.
     *ntp_port* is the NTP listener's port, sent to clients when not 123.
@@ -317,8 +296,7 @@ def nts_services(
     if options["nts-ke"] is None:
         return [], None
     _text_defaults(options)
-    store = KeyStore(options["nts-keys"], reactor.seconds, rotate=options["nts-rotate"])
-    keys = NtsKeysService(store)
+    keys = KeyFileService(options["nts-keys"], reactor, rotate=options["nts-rotate"])
     keys.setName("nts-keys")  # type: ignore[no-untyped-call]
     services: list[IService] = [keys]
     if serve_ke:
@@ -330,7 +308,7 @@ def nts_services(
             sys.stderr.flush()
             raise SystemExit(1) from None
         ke = KeFactory(
-            store,
+            keys.holder,
             reactor,
             KeSettings(ntp_port=ntp_port, ntp_server=options["nts-server"]),
             timeout=options["nts-ke-timeout"],
@@ -351,4 +329,4 @@ def nts_services(
         ke_service = KeService(host, port, tls, reactor)
         ke_service.setName("nts-ke")  # type: ignore[no-untyped-call]
         services.append(ke_service)
-    return services, store
+    return services, keys.holder
