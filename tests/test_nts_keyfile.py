@@ -142,7 +142,11 @@ class KeyFileServiceTests(unittest.TestCase):
         self.assertFalse(os.path.exists(self.path))
 
     def test_unwritable_existing_file_at_start(self) -> None:
-        keys = [MasterKey(7, os.urandom(64), START)]
+        # No rotation due: only the save that proves it can write finds out.
+        keys = [
+            MasterKey(7, os.urandom(64), START - 1),
+            MasterKey(8, os.urandom(64), START + ROTATE - 1),
+        ]
         with open(self.path, "wb") as f:
             f.write(encode_keys_file(keys))
         self.block_saves()
