@@ -8,7 +8,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from udptime.nts.cookies import COOKIE_NONCE_LENGTH, CookieKeys, MasterKey
+from udptime.nts.cookies import (
+    COOKIE_NONCE_LENGTH,
+    CookieKeys,
+    MasterKey,
+    cookie_key_id,
+)
 from udptime.nts.keyset import KeyHolder, KeySet
 
 DAY = 86_400.0
@@ -158,6 +163,21 @@ class ScheduleTests(unittest.TestCase):
         self.assertIs(KeyHolder(ks).key_set, ks)
         with self.assertRaises(AttributeError):
             holder.other = 1  # type: ignore[attr-defined]
+
+    def test_holder_is_the_responders_cookie_jar(self) -> None:
+        """Each seal and open uses the key set current at that moment."""
+        holder = KeyHolder(KeySet.new(START, os.urandom, DAY), random=bytes)
+        cookie = holder.seal(KEYS)
+        self.assertEqual(cookie[4:20], bytes(16))  # the injected nonce
+        self.assertEqual(cookie_key_id(cookie), holder.key_set.current.key_id)
+        self.assertEqual(holder.open(cookie), KEYS)
+        holder.key_set = holder.key_set.at(START + DAY)
+        promoted = holder.seal(KEYS)
+        self.assertEqual(cookie_key_id(promoted), holder.key_set.current.key_id)
+        self.assertNotEqual(cookie_key_id(promoted), cookie_key_id(cookie))
+        self.assertEqual(holder.open(cookie), KEYS)
+        holder.key_set = KeySet.new(START, os.urandom, DAY)
+        self.assertIsNone(holder.open(cookie))
 
 
 class PropertyTests(unittest.TestCase):
