@@ -21,9 +21,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from udptime.ntp import ServerState
 from udptime.nts import extensions as ext
 from udptime.nts import records as rec
-from udptime.nts.cookies import CookieKeys, KeyStore
+from udptime.nts.cookies import CookieKeys
 from udptime.nts.ke import KeSettings, respond
 from udptime.nts.responder import NtsResponder
+from udptime.nts.testing import memory_keys
 from udptime.responders.ntp import NtpResponder
 
 PER_ROUND = 2_000
@@ -31,8 +32,7 @@ STATE = ServerState(0, 2, -20, 0.0, 0.001, b"LOCL", None)
 
 
 def main(rounds: int) -> None:
-    store = KeyStore(None, time.time)
-    store.load()
+    store = memory_keys()
     stamps: list[float] = []
 
     def wall() -> int:
@@ -42,7 +42,7 @@ def main(rounds: int) -> None:
     responder = NtsResponder(NtpResponder(lambda: STATE, wall), store)
     keys = CookieKeys(15, os.urandom(32), os.urandom(32))
     c2s = AESSIV(keys.c2s)
-    cookie = store.seal(keys)
+    cookie = store.key_set.seal(keys, os.urandom(16))
 
     def request(placeholders: int) -> bytes:
         header = bytes([0x23, 0, 6]) + bytes(37) + os.urandom(8)
@@ -75,7 +75,7 @@ def main(rounds: int) -> None:
         "NTS, 8 cookies (988 bytes)": lambda: responder.answer(eight, now),
         "NTS NAK (bad authenticator)": lambda: responder.answer(bad, now),
         "NTS-KE response (8 cookies)": lambda: respond(
-            ke_request, exporter, store, KeSettings(20123)
+            ke_request, exporter, store.key_set, KeSettings(20123)
         ),
     }
     best = dict.fromkeys(cases, float("inf"))

@@ -47,6 +47,7 @@ class NtsServer:
         ke_port: int | None = None,
         keys: Path | None = None,
         extra: tuple[str, ...] = (),
+        twistd_args: tuple[str, ...] = (),
     ) -> None:
         self.directory = directory
         self.cert = directory / "cert.pem"
@@ -72,7 +73,7 @@ class NtsServer:
             str(self.keys),
             *extra,
         ]
-        self.twistd = Twistd(test, ["udptime", *options])
+        self.twistd = Twistd(test, [*twistd_args, "udptime", *options])
         poll_until_answered(
             "127.0.0.1",
             self.ntp_port,

@@ -12,8 +12,10 @@ from twisted.trial import unittest
 
 from udptime.ntp import ServerState, ntp_from_ns
 from udptime.nts import extensions as ext
-from udptime.nts.cookies import CookieKeys, KeyStore, MasterKey
+from udptime.nts.cookies import CookieKeys, MasterKey
+from udptime.nts.keyset import KeyHolder
 from udptime.nts.responder import NtsResponder
+from udptime.nts.testing import memory_keys
 from udptime.registry import Context, get_format
 from udptime.responders.ntp import NtpResponder
 
@@ -30,11 +32,11 @@ def header(version: int = 4, transmit: bytes = b"") -> bytes:
 class Client:
     """Just enough of an NTS client to drive the responder."""
 
-    def __init__(self, store: KeyStore, keys: CookieKeys = KEYS) -> None:
+    def __init__(self, store: KeyHolder, keys: CookieKeys = KEYS) -> None:
         self.keys = keys
         self.c2s = AESSIV(keys.c2s)
         self.s2c = AESSIV(keys.s2c)
-        self.cookie = store.seal(keys)
+        self.cookie = store.key_set.seal(keys, os.urandom(16))
         self.unique_id = os.urandom(32)
 
     def request(
@@ -185,8 +187,7 @@ class FieldTests(unittest.TestCase):
 
 class RequestParseTests(unittest.TestCase):
     def setUp(self) -> None:
-        self.store = KeyStore(None, lambda: NOW)
-        self.store.load()
+        self.store = memory_keys(NOW)
         self.client = Client(self.store)
 
     def test_parse_request(self) -> None:
@@ -230,8 +231,7 @@ class RequestParseTests(unittest.TestCase):
 class ResponderTests(unittest.TestCase):
     def setUp(self) -> None:
         self.now = NOW
-        self.store = KeyStore(None, lambda: self.now)
-        self.store.load()
+        self.store = memory_keys(self.now)
         self.ntp = NtpResponder(lambda: STATE, self.clock_ns)
         self.responder = NtsResponder(self.ntp, self.store)
         self.client = Client(self.store)
@@ -251,7 +251,7 @@ class ResponderTests(unittest.TestCase):
         opened = ext.open_response(reply, self.client.s2c, self.client.unique_id)
         self.assertFalse(opened.nak)
         self.assertEqual(len(opened.cookies), 1)
-        self.assertEqual(self.store.open(opened.cookies[0]), KEYS)
+        self.assertEqual(self.store.key_set.open(opened.cookies[0]), KEYS)
         self.assertNotEqual(opened.cookies[0], self.client.cookie)
         # The header is the plain NTP reply's.
         plain = self.ntp.answer(request[:48], NOW_NS)
@@ -358,6 +358,8 @@ class ResponderTests(unittest.TestCase):
     def test_expired_key_nak(self) -> None:
         request = self.client.request()
         self.now += 3 * 86_400
+        # What the keys file's owner swaps in as time goes by.
+        self.store.key_set = self.store.key_set.at(self.now)
         self.assertNak(self.reply(request), request)
 
     def assertNak(self, reply: bytes, request: bytes) -> None:

@@ -22,7 +22,6 @@ from twisted.trial import unittest
 
 from tests.test_nts_support import default_request, ke_session, make_certificate
 from udptime.nts import records as rec
-from udptime.nts.cookies import KeyStore
 from udptime.nts.ke import (
     ALPN,
     KeFactory,
@@ -33,6 +32,7 @@ from udptime.nts.ke import (
     export_keys,
     tls_context,
 )
+from udptime.nts.testing import memory_keys
 from udptime.policy import Policy, RateLimit
 
 
@@ -78,8 +78,7 @@ PEER = IPv4Address("TCP", "192.0.2.1", 40000)
 class SessionTests(unittest.TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.store = KeyStore(None, lambda: 1_700_000_000.0)
-        self.store.load()
+        self.store = memory_keys(1_700_000_000.0)
         self.factory = KeFactory(
             self.store, self.clock, KeSettings(ntp_port=20123), timeout=10.0
         )
@@ -109,7 +108,7 @@ class SessionTests(unittest.TestCase):
         cookies = [r.body for r in records if r.type == rec.NEW_COOKIE]
         self.assertEqual(len(cookies), 8)
         keys = export_keys(exporter, 15)
-        self.assertTrue(all(self.store.open(c) == keys for c in cookies))
+        self.assertTrue(all(self.store.key_set.open(c) == keys for c in cookies))
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.factory.counters.sessions, 1)
         # Anything after the response is ignored.
@@ -215,9 +214,7 @@ class AdmissionTests(unittest.TestCase):
         cert, key = make_certificate(directory)
         self.clock = Clock()
         self.clock.advance(1000)
-        store = KeyStore(None, lambda: 1_700_000_000.0)
-        store.load()
-        self.ke = KeFactory(store, self.clock)
+        self.ke = KeFactory(memory_keys(1_700_000_000.0), self.clock)
         self.creator = TlsServerCreator(tls_context(str(cert), str(key)))
 
     def test_connection_cap(self) -> None:
@@ -257,8 +254,7 @@ class TlsTests(unittest.TestCase):
         directory = Path(tempfile.mkdtemp(prefix="udptime-nts-tls-"))
         self.addCleanup(shutil.rmtree, directory, True)
         self.cert, key = make_certificate(directory)
-        self.store = KeyStore(None, lambda: 1_700_000_000.0)
-        self.store.load()
+        self.store = memory_keys(1_700_000_000.0)
         self.ke = KeFactory(self.store, reactor, KeSettings(ntp_port=123))
         factory: Any = KeTlsFactory(
             TlsServerCreator(tls_context(str(self.cert), str(key))), self.ke
@@ -276,7 +272,7 @@ class TlsTests(unittest.TestCase):
             self.assertEqual(result.records[1], rec.aead_algorithm([15]))
             self.assertEqual(len(result.cookies), 8)
             for cookie in result.cookies:
-                self.assertEqual(self.store.open(cookie), result.keys)
+                self.assertEqual(self.store.key_set.open(cookie), result.keys)
 
         return d.addCallback(check)
 

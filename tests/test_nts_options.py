@@ -22,9 +22,9 @@ from udptime.config import Config, NtsConfig
 from udptime.ntp import ServerState
 from udptime.nts.cookies import DEFAULT_ROTATE
 from udptime.nts.ke import DEFAULT_KE_RATE_LIMIT, DEFAULT_MAX_CONNECTIONS
+from udptime.nts.keyfile import KeyFileService
 from udptime.nts.options import (
     KeService,
-    NtsKeysService,
     nts_services,
     parse_ke_address,
 )
@@ -191,7 +191,7 @@ class CheckTests(unittest.TestCase):
         services, cookies = nts_services(options, reactor, 20123)
         self.assertEqual([s.name for s in services], ["nts-keys", "nts-ke"])
         keys, ke = services
-        assert isinstance(keys, NtsKeysService) and isinstance(ke, KeService)
+        assert isinstance(keys, KeyFileService) and isinstance(ke, KeService)
         assert cookies is not None
         local = ServerState(0, 10, -20, 0.0, 0.01, b"LOCL", None)
         ntp = NtpResponder(lambda: local, lambda: 0)
@@ -204,7 +204,8 @@ class CheckTests(unittest.TestCase):
         top.startService()
         self.addCleanup(top.stopService)
         self.assertEqual(stat.S_IMODE(os.stat(self.keys).st_mode), 0o600)
-        self.assertEqual(len(keys.store.keys), 1)
+        self.assertEqual(len(keys.holder.key_set.keys), 2)  # current and next
+        self.assertIs(ke.factory.ke.keys, keys.holder)
         self.assertGreater(ke.bound_port, 0)
 
     def test_unusable_keys_file_at_start(self) -> None:
@@ -215,7 +216,7 @@ class CheckTests(unittest.TestCase):
         self.patch(sys, "stderr", stderr)
         with self.assertRaises(SystemExit):
             services[0].startService()
-        self.assertIn("udptime: NTS keys:", stderr.getvalue())
+        self.assertIn(f"udptime: NTS keys file {self.keys}: ", stderr.getvalue())
 
     def test_unreadable_tls_key_at_service_time(self) -> None:
         options = with_nts(self.parse(*self.nts()), tls_key=str(self.dir / "gone.pem"))

@@ -9,8 +9,10 @@ from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from udptime.nts import records as rec
-from udptime.nts.cookies import CookieKeys, KeyStore
+from udptime.nts.cookies import CookieKeys
 from udptime.nts.ke import EXPORTER_LABEL, KeSettings, export_keys, respond
+from udptime.nts.keyset import KeySet
+from udptime.nts.testing import memory_keys
 
 
 def fake_exporter(label: bytes, length: int, context: bytes) -> bytes:
@@ -18,10 +20,8 @@ def fake_exporter(label: bytes, length: int, context: bytes) -> bytes:
     return hashlib.sha512(label + context).digest()[:length]
 
 
-def store() -> KeyStore:
-    keys = KeyStore(None, lambda: 1_700_000_000.0)
-    keys.load()
-    return keys
+def store() -> KeySet:
+    return memory_keys(1_700_000_000.0).key_set
 
 
 def ntpv4_request(

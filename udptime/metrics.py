@@ -53,9 +53,11 @@ class UdptimeCollector:
         self,
         listeners: Callable[[], list[ListenerStats]],
         gauges: Callable[[], dict[str, tuple[str, float]]],
+        counters: Callable[[], dict[str, tuple[str, float]]] = dict,
     ) -> None:
         self._listeners = listeners
         self._gauges = gauges
+        self._counters = counters
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import (
@@ -82,6 +84,9 @@ class UdptimeCollector:
         yield latency
         for name, (help_text, value) in self._gauges().items():
             yield GaugeMetricFamily(f"udptime_{name}", help_text, value=value)
+        for name, (help_text, value) in self._counters().items():
+            # Exposed as udptime_NAME_total.
+            yield CounterMetricFamily(f"udptime_{name}", help_text, value=value)
 
     def describe(self) -> list[Any]:
         # Collected on demand only: registering must not call collect().

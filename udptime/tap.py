@@ -49,6 +49,7 @@ from udptime.listenspec import (
 from udptime.metrics import ListenerStats, UdptimeCollector, parse_metrics_address
 from udptime.metrics_site import Health, MetricsService, host_port, metrics_site
 from udptime.ntp import refid_from_text
+from udptime.nts.keyfile import KeyFileService
 from udptime.nts.options import NTS_OPT_PARAMETERS, nts_config, nts_services
 from udptime.policy import (
     DEFAULT_LOOP_PORTS,
@@ -377,6 +378,22 @@ def _health(top: UdptimeService, workers: int) -> Health:
     return health
 
 
+def _counters(services: list[Any]) -> Callable[[], dict[str, tuple[str, float]]]:
+    keys = [s for s in services if isinstance(s, KeyFileService)]
+
+    def counters() -> dict[str, tuple[str, float]]:
+        if not keys:
+            return {}
+        return {
+            "nts_key_save_failures": (
+                "NTS keys file saves that failed (cookies stay under the saved key).",
+                float(keys[0].save_failures),
+            )
+        }
+
+    return counters
+
+
 class UdptimeService(service.MultiService):
     """All of one udptime process: listeners, workers, metrics, summaries."""
 
@@ -504,7 +521,7 @@ def build_service(
         top.supervisor = WorkerSupervisor(top.listeners, config, reactor)
         top.supervisor.setServiceParent(top)  # type: ignore[no-untyped-call]
     if metrics is not None:
-        collector = UdptimeCollector(top.stats, _gauges(policy))
+        collector = UdptimeCollector(top.stats, _gauges(policy), _counters(nts))
         site = metrics_site(collector, reactor, _health(top, config.workers))
         server = MetricsService(metrics.host, metrics.port, site, reactor)
         server.setName("metrics")  # type: ignore[no-untyped-call]

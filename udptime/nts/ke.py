@@ -19,6 +19,7 @@ Bounded against abuse:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +40,13 @@ from zope.interface import implementer
 
 from udptime.logthrottle import LogThrottle
 from udptime.nts import records as rec
-from udptime.nts.cookies import AEAD_KEY_LENGTHS, CookieKeys, KeyStore
+from udptime.nts.cookies import (
+    AEAD_KEY_LENGTHS,
+    COOKIE_NONCE_LENGTH,
+    CookieKeys,
+    Random,
+)
+from udptime.nts.keyset import KeyHolder, KeySet
 from udptime.policy import ANSWER, Policy, PolicyError, RateLimit, pack_host
 
 ALPN = b"ntske/1"
@@ -83,8 +90,9 @@ class KeSettings:
 def respond(
     request: list[rec.Record],
     exporter: Exporter,
-    store: KeyStore,
+    key_set: KeySet,
     settings: KeSettings,
+    random: Random = os.urandom,
 ) -> list[rec.Record]:
     """The response records to a complete request (End of Message last).
 
@@ -145,7 +153,10 @@ def respond(
         response.append(rec.ntpv4_port(settings.ntp_port))
     if settings.ntp_server:
         response.append(rec.ntpv4_server(settings.ntp_server))
-    response += [rec.new_cookie(store.seal(keys)) for _ in range(COOKIES_PER_RESPONSE)]
+    response += [
+        rec.new_cookie(key_set.seal(keys, random(COOKIE_NONCE_LENGTH)))
+        for _ in range(COOKIES_PER_RESPONSE)
+    ]
     response.append(rec.end_of_message())
     return response
 
@@ -269,7 +280,10 @@ class KeProtocol(Protocol):
         factory = self.factory
         try:
             response = respond(
-                request, tls.export_keying_material, factory.store, factory.settings
+                request,
+                tls.export_keying_material,
+                factory.keys.key_set,
+                factory.settings,
             )
         except Exception as exc:  # noqa: BLE001 - the client gets error 2, we a log line
             factory.log.failure(
@@ -310,7 +324,7 @@ class KeFactory(Factory):
 
     def __init__(
         self,
-        store: KeyStore,
+        keys: KeyHolder,
         clock: IReactorTime,
         settings: KeSettings | None = None,
         *,
@@ -318,7 +332,7 @@ class KeFactory(Factory):
         max_request: int = DEFAULT_MAX_REQUEST,
         verbose: bool = False,
     ) -> None:
-        self.store = store
+        self.keys = keys
         self.clock = clock
         self.settings = settings or KeSettings()
         self.timeout = timeout

@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from OpenSSL import SSL
-from twisted.application import internet, service
+from twisted.application import internet
 from twisted.application.service import IService
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
@@ -45,7 +45,7 @@ from udptime.config import (
     parse_seconds,
 )
 from udptime.listenspec import ListenSpec, ListenSpecError, parse_host, parse_port
-from udptime.nts.cookies import DEFAULT_ROTATE, KeyFileError, KeyStore, decode_keys_file
+from udptime.nts.cookies import DEFAULT_ROTATE, KeyFileError, decode_keys_file
 from udptime.nts.ke import (
     DEFAULT_KE_PORT,
     DEFAULT_KE_RATE_LIMIT,
@@ -57,6 +57,7 @@ from udptime.nts.ke import (
     TlsServerCreator,
     tls_context,
 )
+from udptime.nts.keyfile import KeyFileService
 from udptime.nts.responder import CookieJar
 from udptime.policy import Policy, parse_rate_limit
 
@@ -267,28 +268,6 @@ class KeService(internet.TCPServer):
         return int(port.getHost().port)
 
 
-class NtsKeysService(service.Service):
-    """Loads (or creates) the keys file in ``startService``.
-
-    That is after twistd's ``--uid``/``--gid`` have taken effect, so the file
-    and its lock are created by, and must be writable by, the user the server
-    runs as; a keys file that exists but cannot be used stops the start with
-    one line on stderr.
-    """
-
-    def __init__(self, store: KeyStore) -> None:
-        self.store = store
-
-    def startService(self) -> None:
-        try:
-            self.store.load()
-        except KeyFileError as exc:
-            sys.stderr.write(f"udptime: NTS keys: {exc}\n")
-            sys.stderr.flush()
-            raise SystemExit(1) from None
-        super().startService()  # type: ignore[no-untyped-call]
-
-
 def nts_services(
     config: Config,
     reactor: Any,
@@ -296,10 +275,10 @@ def nts_services(
     *,
     serve_ke: bool = True,
 ) -> tuple[list[IService], CookieJar | None]:
-    """The NTS services and the ``ntp`` responder factory, or ``([], None)``.
+    """The NTS services and the cookie keys NTS responders use, or ``([], None)``.
 
     Add every returned service to the server's ``MultiService``: the keys
-    file's loader (see :class:`NtsKeysService`) and, with *serve_ke*, the
+    file's owner (:class:`KeyFileService`) and, with *serve_ke*, the
     NTS-KE listener (:class:`KeService`, bound in ``privilegedStartService``).
     The TLS certificate and key are read here, while still privileged.
     *ntp_port* is the NTP listener's port, sent to clients when not 123.
@@ -309,8 +288,7 @@ def nts_services(
     nts = config.nts
     if nts is None:
         return [], None
-    store = KeyStore(nts.keys_file, reactor.seconds, rotate=nts.rotate)
-    keys = NtsKeysService(store)
+    keys = KeyFileService(nts.keys_file, reactor, rotate=nts.rotate)
     keys.setName("nts-keys")  # type: ignore[no-untyped-call]
     services: list[IService] = [keys]
     if serve_ke:
@@ -321,7 +299,7 @@ def nts_services(
             sys.stderr.flush()
             raise SystemExit(1) from None
         ke = KeFactory(
-            store,
+            keys.holder,
             reactor,
             KeSettings(ntp_port=ntp_port, ntp_server=nts.server_name),
             timeout=nts.ke_timeout,
@@ -342,4 +320,4 @@ def nts_services(
         ke_service = KeService(nts.ke_host, nts.ke_port, tls, reactor)
         ke_service.setName("nts-ke")  # type: ignore[no-untyped-call]
         services.append(ke_service)
-    return services, store
+    return services, keys.holder

@@ -23,8 +23,9 @@ from OpenSSL import SSL
 
 from udptime.nts import extensions as ext
 from udptime.nts import records as rec
-from udptime.nts.cookies import CookieKeys
+from udptime.nts.cookies import DEFAULT_ROTATE, CookieKeys
 from udptime.nts.ke import ALPN, EXPORTER_LABEL
+from udptime.nts.keyset import KeyHolder, KeySet
 
 
 class KeError(Exception):
@@ -71,6 +72,14 @@ def make_certificate(
     )
     os.chmod(key_path, 0o600)
     return cert_path, key_path
+
+
+def memory_keys(now: float | None = None, rotate: float = DEFAULT_ROTATE) -> KeyHolder:
+    """Master keys that live in memory only, for the NTS-KE server and the
+    NTS responder in tests and benchmarks (a server always has a keys file)."""
+    return KeyHolder(
+        KeySet.new(time.time() if now is None else now, os.urandom, rotate)
+    )
 
 
 def default_request() -> bytes:
