@@ -51,6 +51,8 @@ FULL = Config(
         deny=(ipaddress.ip_network("10.1.2.3/32"),),
         deny_kiss=True,
         loop_ports=frozenset({0, 9, 65535}),
+        allow_file="/etc/udptime/allow.txt",
+        deny_file="deny list.txt",
     ),
     ntp=NtpConfig(stratum=15, local_stratum=1, refid=bytes([192, 0, 2, 255])),
     nts=NtsConfig(

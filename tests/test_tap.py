@@ -127,6 +127,8 @@ class OptionTests(unittest.TestCase):
 #: option's name. ``test_every_option_covered`` keeps this complete.
 BAD_VALUES: dict[str, str] = {
     "--allow": "10.0.0.1/8",
+    "--allow-file": "/nonexistent/allow.txt",
+    "--deny-file": "",
     "--deny": "not-a-network",
     "--format": "nope",
     "--interface": "localhost",
@@ -264,6 +266,7 @@ class RoleTests(unittest.TestCase):
                 "TimeListener",
                 "TimeListener",
                 "WorkerSupervisor",
+                "SignalService",
                 "MetricsService",
                 "SummaryService",
             ],
@@ -285,7 +288,7 @@ class RoleTests(unittest.TestCase):
         # no metrics, no supervisor: only listeners and the summary
         self.assertEqual(
             [type(s).__name__ for s in service],
-            ["TimeListener", "TimeListener", "SummaryService"],
+            ["TimeListener", "TimeListener", "SignalService", "SummaryService"],
         )
         self.assertIsNone(service.supervisor)
         for listener in service.listeners:

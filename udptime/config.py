@@ -154,6 +154,10 @@ class PolicyConfig:
     deny: tuple[Network, ...] = ()
     deny_kiss: bool = False
     loop_ports: frozenset[int] = DEFAULT_LOOP_PORTS
+    #: access-list files (one CIDR a line), added to the lists above and
+    #: re-read on SIGHUP
+    allow_file: str | None = None
+    deny_file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +242,8 @@ class Config:
                 deny=tuple(ipaddress.ip_network(n) for n in policy["deny"]),
                 deny_kiss=policy["deny_kiss"],
                 loop_ports=frozenset(policy["loop_ports"]),
+                allow_file=policy.get("allow_file"),
+                deny_file=policy.get("deny_file"),
             ),
             ntp=NtpConfig(
                 stratum=ntp["stratum"],

@@ -17,6 +17,7 @@ from twisted.application import service
 from twisted.python import usage
 
 from udptime import __version__
+from udptime.aclfiles import AclFiles, read_acl
 from udptime.clockstate import (
     DEFAULT_REFID,
     DEFAULT_STRATUM,
@@ -33,6 +34,7 @@ from udptime.config import (
     PolicyConfig,
     coerce,
     parse_count,
+    parse_file_name,
     parse_ports,
     parse_positive,
     parse_stratum,
@@ -50,7 +52,12 @@ from udptime.metrics import ListenerStats, UdptimeCollector, parse_metrics_addre
 from udptime.metrics_site import Health, MetricsService, host_port, metrics_site
 from udptime.ntp import refid_from_text
 from udptime.nts.keyfile import KeyFileService
-from udptime.nts.options import NTS_OPT_PARAMETERS, nts_config, nts_services
+from udptime.nts.options import (
+    NTS_OPT_PARAMETERS,
+    KeService,
+    nts_config,
+    nts_services,
+)
 from udptime.policy import (
     DEFAULT_LOOP_PORTS,
     DEFAULT_RATE_LIMIT,
@@ -61,6 +68,7 @@ from udptime.policy import (
 )
 from udptime.protocol import TimeProtocol, ns_clock
 from udptime.registry import Context, Format, format_names, get_format
+from udptime.signals import SignalService
 from udptime.summary import SummaryService
 from udptime.workers import WorkerSupervisor
 
@@ -205,6 +213,23 @@ class Options(usage.Options):
             coerce("--rate-limit-table", parse_positive),
         ],
         [
+            "allow-file",
+            None,
+            None,
+            (
+                "Also serve only the networks in this file (one CIDR a line, # "
+                "comments); re-read on SIGHUP."
+            ),
+            coerce("--allow-file", parse_file_name),
+        ],
+        [
+            "deny-file",
+            None,
+            None,
+            "Also never serve the networks in this file; re-read on SIGHUP.",
+            coerce("--deny-file", parse_file_name),
+        ],
+        [
             "loop-ports",
             None,
             ",".join(str(p) for p in sorted(DEFAULT_LOOP_PORTS)),
@@ -292,6 +317,16 @@ class Options(usage.Options):
         """FORMAT@[HOST:]PORT, FORMAT@[IPV6]:PORT, FORMAT@systemd:N; repeatable."""
         self["listen"].append(_listen(value))
 
+    def _acl_file(self, option: str) -> str | None:
+        """The file of ``--allow-file``/``--deny-file``, checked readable now."""
+        path: str | None = self[option]
+        if path is not None:
+            try:
+                read_acl(path)
+            except ValueError as exc:
+                raise usage.UsageError(f"--{option}: {exc}") from None
+        return path
+
     def postOptions(self) -> None:
         listeners = tuple(self["listen"]) or (
             ListenSpec(self["format"], self["interface"], self["port"]),
@@ -319,6 +354,8 @@ class Options(usage.Options):
                 deny=tuple(self["deny"]),
                 deny_kiss=bool(self["deny-kiss"]),
                 loop_ports=self["loop-ports"],
+                allow_file=self._acl_file("allow-file"),
+                deny_file=self._acl_file("deny-file"),
             ),
             ntp=NtpConfig(
                 stratum=self["stratum"],
@@ -401,6 +438,8 @@ class UdptimeService(service.MultiService):
         super().__init__()  # type: ignore[no-untyped-call]
         self.listeners: list[TimeListener] = []
         self.supervisor: WorkerSupervisor | None = None
+        #: SIGHUP reloads: services add what they can reload to its reloaders
+        self.signals: SignalService | None = None
 
     def stats(self) -> list[ListenerStats]:
         """Every listener's counters, this process's and its workers'."""
@@ -520,6 +559,27 @@ def build_service(
     if supervise:
         top.supervisor = WorkerSupervisor(top.listeners, config, reactor)
         top.supervisor.setServiceParent(top)  # type: ignore[no-untyped-call]
+    top.signals = SignalService(reactor)
+    if top.supervisor is not None:
+        top.signals.also.append(top.supervisor.signal_workers)
+    policy_config = config.policy
+    if policy_config.allow_file or policy_config.deny_file:
+        ke_policies = [
+            s.factory.policy
+            for s in nts
+            if isinstance(s, KeService) and s.factory.policy is not None
+        ]
+        acl = AclFiles(
+            [policy, *ke_policies],
+            policy_config.allow,
+            policy_config.deny,
+            policy_config.allow_file,
+            policy_config.deny_file,
+        )
+        acl.apply(*acl.lists())
+        top.signals.reloaders["access lists"] = acl.reload
+    top.signals.setName("signals")  # type: ignore[no-untyped-call]
+    top.signals.setServiceParent(top)  # type: ignore[no-untyped-call]
     if metrics is not None:
         collector = UdptimeCollector(top.stats, _gauges(policy), _counters(nts))
         site = metrics_site(collector, reactor, _health(top, config.workers))

@@ -179,6 +179,12 @@ class WorkerSupervisor(service.Service):
     def all_stats(self) -> list[ListenerStats]:
         return [s for index in sorted(self.stats) for s in self.stats[index]]
 
+    def signal_workers(self, number: int) -> None:
+        """Pass a signal on (SIGHUP: every worker reloads what it can)."""
+        for process, _ in list(self._running.values()):
+            with contextlib.suppress(ProcessExitedAlready):
+                process.signalProcess(number)
+
     def pids(self) -> dict[int, int]:
         return {index: process.pid for index, (process, _) in self._running.items()}
 
