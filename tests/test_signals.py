@@ -103,10 +103,14 @@ class SignalServiceTests(unittest.TestCase):
         def broken() -> str:
             raise ValueError("bad file")
 
+        def one() -> str:
+            calls.append("one")
+            return "fine"
+
         passed_on: list[int] = []
         service = SignalService(
             Clock(),
-            {"one": lambda: calls.append("one") or "fine", "two": broken},
+            {"one": one, "two": broken},
             also=[passed_on.append],
         )
         service.handle(signal.SIGHUP)
