@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import os
+import select
+import socket
 import struct
+from collections.abc import Sequence
+from unittest import skipUnless
 
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.internet.testing import FakeDatagramTransport
 from twisted.trial import unittest
 
-from udptime.ntp import ServerState, ntp_from_ns
+from udptime.core import AnsweringCore, Reply
+from udptime.mmsg.libc import available as mmsg_available
+from udptime.mmsg.receive import Receiver
+from udptime.mmsg.send import Sender
+from udptime.ntp import ServerState, ns_from_ntp, ntp_from_ns
 from udptime.nts import extensions as ext
 from udptime.nts.cookies import CookieKeys, MasterKey
 from udptime.nts.keyset import KeyHolder
 from udptime.nts.responder import NtsResponder
 from udptime.nts.testing import memory_keys
+from udptime.protocol import TimeProtocol
 from udptime.registry import Context, get_format
 from udptime.responders.ntp import NtpResponder
 
@@ -23,6 +34,11 @@ NOW = 1_700_000_000.0
 NOW_NS = 1_700_000_000_000_000_000
 STATE = ServerState(0, 10, -20, 0.0, 0.001, b"LOCL", NOW - 100)
 KEYS = CookieKeys(15, os.urandom(32), os.urandom(32))
+
+
+def sealed(reply: Reply | None) -> bytes | None:
+    """What the shell sends for *reply*: a sealer is called, as right before a send."""
+    return reply() if callable(reply) else reply
 
 
 def header(version: int = 4, transmit: bytes = b"") -> bytes:
@@ -240,7 +256,7 @@ class ResponderTests(unittest.TestCase):
         return round((self.now + 0.001) * 1e9)
 
     def reply(self, request: bytes) -> bytes:
-        reply = self.responder.answer(request, NOW_NS)
+        reply = sealed(self.responder.answer(request, NOW_NS))
         assert reply is not None
         return reply
 
@@ -269,14 +285,18 @@ class ResponderTests(unittest.TestCase):
         batch = [request, plain, bytes(forged), request + bytes(16)]
         replies, complete = self.responder.answer_batch(batch, [NOW_NS] * 4)
         self.assertEqual(sorted(complete), [0, 2])
-        reply = replies[0]
+        # The NTS reply is a sealer: stamped when the shell calls it.
+        self.assertTrue(callable(replies[0]))
+        self.now += 0.5
+        reply = sealed(replies[0])
         assert reply is not None
         ext.open_response(reply, self.client.s2c, self.client.unique_id)
         self.assertEqual(reply[40:48], ntp_from_ns(self.clock_ns()))  # stamped, sealed
+        self.assertEqual(reply[32:40], ntp_from_ns(NOW_NS))
         expected, _ = self.ntp.answer_batch([plain], [NOW_NS])
         self.assertEqual(replies[1], expected[0])
         nak = replies[2]
-        assert nak is not None
+        assert isinstance(nak, bytes)
         self.assertEqual(nak[12:16], b"NTSN")
         self.assertIsNone(replies[3])
 
@@ -378,7 +398,8 @@ class ResponderTests(unittest.TestCase):
             header(),
             header(3),
             header() + bytes(20) + b"\x01" * 28,
-            header(3) + ext.encode_field(ext.UNIQUE_IDENTIFIER, bytes(32)),
+            header() + ext.encode_field(0x2005, b"x" * 40),
+            header(3) + ext.encode_field(0x2005, b"x" * 40),
         ):
             self.assertEqual(
                 self.responder.answer(request, NOW_NS), self.ntp.answer(request, NOW_NS)
@@ -408,7 +429,7 @@ class ResponderTests(unittest.TestCase):
         request = bytearray(self.client.request(placeholders=1))
         if position < len(request):
             request[position] = value
-        reply = self.responder.answer(bytes(request), NOW_NS)
+        reply = sealed(self.responder.answer(bytes(request), NOW_NS))
         if reply is not None:
             self.assertLessEqual(len(reply), len(request))
 
@@ -417,10 +438,248 @@ class ResponderTests(unittest.TestCase):
         context = Context(self.clock_ns, lambda: local, nts_cookies=self.store)
         responder = get_format("ntp").make_responder(context)
         self.assertIsInstance(responder, NtsResponder)
-        reply = responder.answer(self.client.request(), NOW_NS)
+        reply = sealed(responder.answer(self.client.request(), NOW_NS))
         assert reply is not None
         ext.open_response(reply, self.client.s2c, self.client.unique_id)
         self.assertEqual(reply[1], 10)
+
+
+class ConformanceTests(unittest.TestCase):
+    """RFC 8915 corner cases, with packets as clients send them."""
+
+    def setUp(self) -> None:
+        self.now = NOW
+        self.store = memory_keys(self.now)
+        self.ntp = NtpResponder(lambda: STATE, self.clock_ns)
+        self.responder = NtsResponder(self.ntp, self.store)
+        self.client = Client(self.store)
+
+    def clock_ns(self) -> int:
+        return round((self.now + 0.001) * 1e9)
+
+    def answer(self, request: bytes) -> bytes | None:
+        return sealed(self.responder.answer(request, NOW_NS))
+
+    # Section 5.3: "This extension field MAY also be used standalone, without
+    # NTS"; a server's reply to a request carrying it carries it back.
+
+    def test_unique_identifier_alone_is_echoed(self) -> None:
+        for uid in (os.urandom(32), os.urandom(33), os.urandom(64)):
+            field = ext.encode_field(ext.UNIQUE_IDENTIFIER, uid)
+            for others in (b"", ext.encode_field(0x2005, b"x" * 60)):
+                request = header() + others + field
+                reply = self.answer(request)
+                assert reply is not None
+                self.assertEqual(reply[48:], field)  # echoed exactly, nothing else
+                self.assertLessEqual(len(reply), len(request))
+                plain = self.ntp.answer(request[:48], NOW_NS)
+                self.assertEqual(reply[:48], plain)
+                fields, _ = ext.parse_fields(reply)
+                self.assertEqual(
+                    [(f.type, f.body) for f in fields],
+                    [(ext.UNIQUE_IDENTIFIER, field[4:])],
+                )
+        self.assertEqual(self.responder.counters.echoed, 6)
+        self.assertEqual(self.responder.counters.malformed, 0)
+
+    def test_unique_identifier_alone_in_a_batch_and_in_a_kiss(self) -> None:
+        field = ext.encode_field(ext.UNIQUE_IDENTIFIER, os.urandom(32))
+        request = header() + field
+        replies, complete = self.responder.answer_batch(
+            [header(), request], [NOW_NS] * 2
+        )
+        self.assertEqual(list(complete), [1])
+        self.now += 1.0  # the stamp is read when the shell seals the reply
+        reply = sealed(replies[1])
+        assert reply is not None
+        self.assertEqual(reply[40:48], ntp_from_ns(self.clock_ns()))
+        self.assertEqual(reply[48:], field)
+        kiss = self.responder.refuse(request, b"RATE")
+        assert kiss is not None
+        self.assertEqual((kiss[12:16], kiss[48:]), (b"RATE", field))
+
+    def test_unique_identifier_with_placeholders_only_is_malformed(self) -> None:
+        field = ext.encode_field(ext.UNIQUE_IDENTIFIER, os.urandom(32))
+        placeholder = ext.encode_field(ext.COOKIE_PLACEHOLDER, bytes(104))
+        self.assertIsNone(self.answer(header() + field + placeholder))
+        self.assertIsNone(self.answer(header() + field + bytes(8) + field))
+        self.assertEqual(self.responder.counters.malformed, 2)
+
+    # Section 5.7: "The server MUST discard any unauthenticated extension
+    # fields and process the packet as though they were not present."
+
+    def test_unauthenticated_field_after_the_authenticator_is_discarded(
+        self,
+    ) -> None:
+        for extra in (
+            ext.encode_field(0x2005, b"x" * 40),
+            ext.encode_field(0x2005, os.urandom(12)) + ext.encode_field(9, b"y" * 30),
+        ):
+            request = self.client.request(placeholders=1)
+            reply = self.answer(request + extra)
+            assert reply is not None
+            opened = ext.open_response(reply, self.client.s2c, self.client.unique_id)
+            self.assertFalse(opened.nak)
+            self.assertEqual(len(opened.cookies), 2)
+            # As though absent: the reply is as long as the authenticated part.
+            self.assertEqual(len(reply), len(request))
+        self.assertEqual(self.responder.counters.malformed, 0)
+        self.assertEqual(self.responder.counters.authenticated, 2)
+
+    def test_nts_field_after_the_authenticator_is_malformed(self) -> None:
+        request = self.client.request()
+        for extra in (
+            ext.encode_field(ext.COOKIE_PLACEHOLDER, bytes(104)),
+            ext.encode_field(0x2005, b"x" * 40)
+            + ext.encode_field(ext.UNIQUE_IDENTIFIER, os.urandom(32)),
+            ext.encode_field(0x2005, b"x" * 40) + bytes(20),  # and then a "MAC"
+        ):
+            self.assertIsNone(self.answer(request + extra))
+        self.assertEqual(self.responder.counters.malformed, 3)
+
+    # NTS (and the Unique Identifier with it) is defined for NTPv4 only.
+
+    def test_nts_in_an_ntpv3_header_is_dropped_not_answered_plain(self) -> None:
+        for version in (3, 2, 1):
+            request = self.client.request(version=version)
+            self.assertIsNone(self.answer(request))
+            replies, complete = self.responder.answer_batch([request], [NOW_NS])
+            self.assertEqual((list(replies), list(complete)), ([None], []))
+            self.assertIsNone(self.responder.refuse(request, b"RATE"))
+            alone = header(version) + ext.encode_field(
+                ext.UNIQUE_IDENTIFIER, os.urandom(32)
+            )
+            self.assertIsNone(self.answer(alone))
+        self.assertEqual(self.responder.counters.malformed, 12)
+        self.assertEqual(self.responder.counters.authenticated, 0)
+        # Without NTS fields an NTPv3 request with trailing bytes is still
+        # answered as before.
+        other = header(3) + ext.encode_field(0x2005, b"x" * 40)
+        self.assertEqual(self.answer(other), self.ntp.answer(other, NOW_NS))
+
+    @given(st.binary(min_size=1, max_size=200))
+    def test_anything_after_the_authenticator_never_raises(self, tail: bytes) -> None:
+        request = self.client.request()
+        reply = sealed(self.responder.answer(request + tail, NOW_NS))
+        if reply is not None:
+            self.assertLessEqual(len(reply), len(request))
+            ext.open_response(reply, self.client.s2c, self.client.unique_id)
+
+
+class CountingClock:
+    """A wall clock that moves 1 ms per read: which read stamped what shows."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def __call__(self) -> int:
+        self.reads += 1
+        return NOW_NS + self.reads * 1_000_000
+
+    def read(self, stamp: bytes) -> int:
+        """Which read gave the NTP timestamp *stamp*."""
+        return round((ns_from_ntp(stamp, NOW_NS) - NOW_NS) / 1_000_000)
+
+
+class ShellTests(unittest.TestCase):
+    """The shell sends a sealer's reply right after calling it, on both paths."""
+
+    def setUp(self) -> None:
+        self.store = memory_keys(NOW)
+        self.clock = CountingClock()
+        self.ntp = NtpResponder(lambda: STATE, self.clock)
+        self.responder = NtsResponder(self.ntp, self.store)
+        self.protocol = TimeProtocol(
+            "ntp", AnsweringCore(self.responder, None), Clock()
+        )
+        self.client = Client(self.store)
+
+    def test_portable_path_seals_right_before_the_send(self) -> None:
+        transport = FakeDatagramTransport()
+        self.protocol.makeConnection(transport)
+        request = self.client.request()
+        self.protocol.datagramReceived(request, ("127.0.0.1", 4000))
+        [(reply, addr)] = transport.written
+        self.assertEqual(addr, ("127.0.0.1", 4000))
+        ext.open_response(reply, self.client.s2c, self.client.unique_id)
+        self.assertEqual(self.clock.read(reply[40:48]), 1)
+        self.assertEqual(self.protocol.counters.answered, 1)
+
+    def test_a_raising_sealer_costs_only_its_reply(self) -> None:
+        def broken() -> bytes:
+            raise RuntimeError("sealer bug")
+
+        class BrokenSealer:
+            late_stamp = echoes_anything = kisses = False
+
+            def answer(self, request: bytes, received_ns: int) -> Reply | None:
+                return broken
+
+            def answer_batch(
+                self, requests: Sequence[bytes], received_ns: Sequence[int]
+            ) -> tuple[list[Reply | None], list[int]]:
+                return [broken] * len(requests), list(range(len(requests)))
+
+            def stamp(self) -> bytes:
+                return bytes(8)
+
+            def refuse(self, request: bytes, why: bytes) -> bytes | None:
+                return None
+
+        protocol = TimeProtocol("ntp", AnsweringCore(BrokenSealer(), None), Clock())
+        transport = FakeDatagramTransport()
+        protocol.makeConnection(transport)
+        protocol.datagramReceived(header(), ("127.0.0.1", 4000))
+        protocol.datagramReceived(header(), ("127.0.0.1", 4001))
+        self.assertEqual(transport.written, [])
+        self.assertEqual(protocol.counters.errors, 2)
+        self.assertEqual(protocol.counters.answered, 0)
+
+    @skipUnless(mmsg_available(), "no recvmmsg/sendmmsg here")
+    def test_batch_path_sends_each_sealed_reply_on_its_own(self) -> None:
+        server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(server.close)
+        server.bind(("127.0.0.1", 0))
+        server.setblocking(False)
+        receiver = Receiver(server, clock_ns=lambda: NOW_NS)
+        sender = Sender(receiver)
+        clients = []
+        kinds = ["plain", "nts", "plain", "nts", "uid"]
+        uid_field = ext.encode_field(ext.UNIQUE_IDENTIFIER, os.urandom(32))
+        for kind in kinds:
+            client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.addCleanup(client.close)
+            client.settimeout(2.0)
+            if kind == "plain":
+                payload = header()
+            elif kind == "nts":
+                payload = self.client.request()
+            else:
+                payload = header() + uid_field
+            client.sendto(payload, server.getsockname())
+            clients.append(client)
+        select.select([server], [], [], 2.0)
+        n = receiver.receive()
+        self.assertEqual(n, len(kinds))
+        self.protocol.batch_received(receiver, sender, n)
+        replies = [client.recv(2048) for client in clients]
+        reads = [self.clock.read(reply[40:48]) for reply in replies]
+        # One read for the late stamp of the plain replies, sent together
+        # first; then one per sealed reply, each read right before its send.
+        self.assertEqual(reads, [1, 2, 1, 3, 4])
+        for kind, reply in zip(kinds, replies):
+            if kind == "nts":
+                ext.open_response(reply, self.client.s2c, self.client.unique_id)
+            elif kind == "uid":
+                self.assertEqual(reply[48:], uid_field)
+            else:
+                self.assertEqual(len(reply), 48)
+        self.assertEqual(self.protocol.counters.answered, len(kinds))
+        self.assertEqual(sender.sent_count, len(kinds))
+        # A datagram the batch cannot answer is simply not sent.
+        self.assertEqual(sender.send_one(0, b""), 0)
+        with self.assertRaises(ValueError):
+            sender.send_one(receiver.batch, b"x")
 
 
 class ClientSideTests(unittest.TestCase):

@@ -12,11 +12,21 @@ refusals go to the responder's own :meth:`Responder.refuse`, so a kiss is
 always in the request's own protocol (NTS kisses carry the Unique
 Identifier). What the shell must log (responder errors, ``--verbose``
 outcomes) is queued here and read after the send.
+
+A reply is ``bytes``, or a :data:`Sealer`: a zero-argument callable that
+returns the complete reply, which the shell calls immediately before
+sending that one reply and sends on its own (its own ``sendto`` or
+one-message ``sendmmsg``), after the batch's other replies. It is for
+replies that must carry a time read as late as possible but cannot take the
+late stamp because a signature covers it (NTS): the responder does all the
+work it can before, the sealer reads the clock and signs. The shell tells a
+sealer from bytes by type alone and never looks inside either. In a batch,
+sealers are listed among the complete replies.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,6 +40,10 @@ DENIED = b"DENY"
 
 #: Receive times are integer POSIX nanoseconds, kernel ``timespec`` exact.
 NS_PER_SECOND = 1_000_000_000
+
+#: A reply completed by the shell's call right before its send (see above).
+Sealer = Callable[[], bytes]
+Reply = bytes | Sealer
 
 
 class Responder(Protocol):
@@ -47,13 +61,14 @@ class Responder(Protocol):
     echoes_anything: bool
     kisses: bool
 
-    def answer(self, request: bytes, received_ns: int) -> bytes | None:
+    def answer(self, request: bytes, received_ns: int) -> Reply | None:
         """The complete reply to one request (any stamp in it), or ``None``."""
 
     def answer_batch(
         self, requests: Sequence[bytes], received_ns: Sequence[int]
-    ) -> tuple[list[bytes | None], Collection[int]]:
-        """Replies aligned with *requests*, and the indices of complete ones.
+    ) -> tuple[Sequence[Reply | None], Collection[int]]:
+        """Replies aligned with *requests*, and the indices of complete ones
+        (sealers among them).
 
         With ``late_stamp``, the other replies have their last 8 bytes
         replaced by :meth:`stamp` right before the send.
@@ -136,7 +151,7 @@ class AnsweringCore:
 
     def answer(
         self, datagram: bytes, source: bytes, port: int, received_ns: int, now: float
-    ) -> bytes | None:
+    ) -> Reply | None:
         """The complete reply owed to one datagram, or ``None``."""
         self.counters.received += 1
         policy = self.policy
@@ -153,7 +168,7 @@ class AnsweringCore:
         ports: Sequence[int],
         received_ns: Sequence[int],
         now: float,
-    ) -> tuple[list[bytes | None], Collection[int]]:
+    ) -> tuple[Sequence[Reply | None], Collection[int]]:
         """:meth:`answer` for a whole batch: replies and the complete indices.
 
         Complete replies go out as they are; with ``late_stamp`` the others
@@ -182,7 +197,7 @@ class AnsweringCore:
                 self._note_all(data, sources, ports, replies)
             return replies, complete
         # Mixed batch: refusals one by one, the admitted as one smaller batch.
-        out: list[bytes | None] = [None] * n
+        out: list[Reply | None] = [None] * n
         done: set[int] = set()
         for i, v in enumerate(verdicts):
             if v is not ANSWER:
@@ -214,7 +229,7 @@ class AnsweringCore:
         sources: Sequence[bytes],
         ports: Sequence[int],
         received_ns: Sequence[int],
-    ) -> tuple[list[bytes | None], Collection[int]]:
+    ) -> tuple[Sequence[Reply | None], Collection[int]]:
         try:
             replies, complete = self.responder.answer_batch(data, received_ns)
         except Exception:  # noqa: BLE001 - redone one by one, errors counted there
@@ -236,7 +251,7 @@ class AnsweringCore:
         received_ns: int,
         *,
         note: bool = True,
-    ) -> bytes | None:
+    ) -> Reply | None:
         try:
             reply = self.responder.answer(datagram, received_ns)
         except Exception as exc:  # noqa: BLE001 - one bad datagram must not stop us
@@ -284,7 +299,7 @@ class AnsweringCore:
         data: Sequence[bytes],
         sources: Sequence[bytes],
         ports: Sequence[int],
-        replies: Sequence[bytes | None],
+        replies: Sequence[Reply | None],
     ) -> None:
         self.notes.extend(
             Note(s, p, len(d), "answered" if r is not None else "ignored")

@@ -4,23 +4,24 @@ Two paths feed the same :class:`udptime.core.AnsweringCore`: the portable
 one (``datagramReceived``, one ``sendto`` per reply) and the Linux batch port
 (``batch_received``, one ``sendmmsg`` per batch, late stamp written by the
 sender at the slot the responder declares). Neither reads protocol bytes.
-Logging happens after the send: responder errors (throttled) and, with
-``--verbose``, one line per datagram.
+A reply that is a sealer (``udptime.core.Sealer``) is called right before
+its own send and sent alone. Logging happens after the send: responder
+errors (throttled) and, with ``--verbose``, one line per datagram.
 """
 
 from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 from twisted.internet.base import ReactorBase
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger, LogLevel
 
-from udptime.core import AnsweringCore
+from udptime.core import AnsweringCore, Sealer
 from udptime.counters import LatencyHistogram
 from udptime.logthrottle import LogThrottle
 from udptime.mmsg.receive import Receiver
@@ -70,6 +71,8 @@ class TimeProtocol(DatagramProtocol):
         received_ns = self.clock_ns()
         received = received_ns / 1e9
         reply = self.core.answer(datagram, packed, port, received_ns, received)
+        if reply is not None and not isinstance(reply, bytes):
+            reply = self._sealed(reply, packed, port)
         if reply is not None:
             transport = self.transport
             assert transport is not None, "datagram before makeConnection"
@@ -96,19 +99,48 @@ class TimeProtocol(DatagramProtocol):
         replies, complete = self.core.answer_batch(
             receiver.data(n), addrs, ports, received_ns, self._clock.seconds()
         )
-        count = n - replies.count(None)
+        sealers: list[tuple[int, Sealer]] = []
+        for i in complete:
+            reply = replies[i]
+            if reply is not None and not isinstance(reply, bytes):
+                sealers.append((i, reply))
+        plain = cast("Sequence[bytes | None]", replies)
+        if sealers:
+            # Sealed and sent one by one after the others (see udptime.core).
+            rest = list(plain)
+            for i, _ in sealers:
+                rest[i] = None
+            plain = rest
+        count = n - plain.count(None)
         if count:
-            dropped = sender.send(replies, self._stamp, complete)
+            dropped = sender.send(plain, self._stamp, complete)
             counters.answered += count - dropped
             if dropped:
                 counters.send_errors += dropped
-            latency = self.latency
-            if latency is not None:
-                sent = self.clock_ns()
-                for reply, moment in zip(replies, received_ns, strict=True):
-                    if reply is not None:
-                        latency.observe((sent - moment) / 1e9)
+        for i, sealer in sealers:
+            sealed = self._sealed(sealer, addrs[i], ports[i])
+            if sealed is not None:
+                dropped = sender.send_one(i, sealed)
+                counters.answered += 1 - dropped
+                counters.send_errors += dropped
+        latency = self.latency
+        if latency is not None and (count or sealers):
+            sent = self.clock_ns()
+            for reply, moment in zip(replies, received_ns, strict=True):
+                if reply is not None:
+                    latency.observe((sent - moment) / 1e9)
         self._log_queued()
+
+    def _sealed(self, sealer: Sealer, packed: bytes, port: int) -> bytes | None:
+        """The reply a sealer makes now; a sealer that raises costs its reply."""
+        try:
+            return sealer()
+        except Exception as exc:  # noqa: BLE001 - as for the responder itself
+            self.counters.errors += 1
+            self.throttled_error(
+                "building a reply failed: {error!r}", exc, packed, port
+            )
+            return None
 
     def batch_failed(self, error: BaseException) -> None:
         self.counters.errors += 1

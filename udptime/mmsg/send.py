@@ -6,7 +6,8 @@ slot, so no address is converted either way. With ``stamp=``, the last 8
 bytes of every reply but the complete ones come from one ``stamp()`` call
 made right before ``sendmmsg`` (scatter-gather: one shared 8-byte buffer,
 nothing written per reply), which is how an NTP server stamps its transmit
-time as late as possible.
+time as late as possible. :meth:`Sender.send_one` sends one reply on its
+own, right after it was made (a signed reply that carries its own stamp).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class Sender:
         c = libc()
         assert c is not None and ctypes is not None
         self._sendmmsg = c.sendmmsg
+        self._sendto = _sendto()
+        self._names = receiver.names
         self._get_errno = c.get_errno
         self._memmove = c.memmove
         self._fd = receiver.fileno()
@@ -93,6 +96,7 @@ class Sender:
                     )
                     self._view[hdr : hdr + len(records)] = records
         self._name_parts = name_parts
+        self._name_size = name_size
         self._parts = [b""] * (2 * b)
         self._tx_start = 0
         self._tx_template = bytes(self._view[: 4 * b * MMSGHDR_SIZE])
@@ -216,6 +220,31 @@ class Sender:
         self.dropped_count += dropped
         return dropped
 
+    def send_one(self, slot: int, reply: bytes) -> int:
+        """Send *reply* alone to the source of *slot* of the last batch, now.
+
+        One ``sendto`` straight from the bytes object (no copy, no header to
+        write). Errors are handled as in :meth:`send`. Returns 1 if the reply
+        was dropped, else 0.
+        """
+        if not 0 <= slot < self.batch:
+            raise ValueError(f"slot {slot} outside a batch of {self.batch}")
+        size = self._name_size
+        name = self._names + slot * size
+        retried = False
+        while self._sendto(self._fd, reply, len(reply), MSG_DONTWAIT, name, size) < 0:
+            err = self._get_errno()
+            self.last_errno = err
+            if err in FATAL_SEND:
+                raise OSError(err, f"sendto: {os.strerror(err)}")
+            if err in SEND_FULL or retried:
+                self.send_errors += 1
+                self.dropped_count += 1
+                return 1
+            retried = True  # a queued ICMP error or EINTR: once more, as in send
+        self.sent_count += 1
+        return 0
+
     def _layout(
         self,
         key: tuple[int, ...],
@@ -309,3 +338,20 @@ class Sender:
             sent = self._sendmmsg(
                 self._fd, self._base + hdr + pos * MMSGHDR_SIZE, k - pos, MSG_DONTWAIT
             )
+
+
+def _sendto() -> Callable[[int, bytes, int, int, int, int], int]:
+    """libc ``sendto`` taking the reply as a bytes object (passed, not copied)."""
+    assert ctypes is not None
+    send = ctypes.PyDLL(None, use_errno=True).sendto
+    send.argtypes = (
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_uint32,
+    )
+    send.restype = ctypes.c_ssize_t
+    sendto: Callable[[int, bytes, int, int, int, int], int] = send
+    return sendto

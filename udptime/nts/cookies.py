@@ -93,6 +93,7 @@ class MasterKey:
     key: bytes
     created: float
     _siv: AESSIV = field(init=False, repr=False, compare=False)
+    _id: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.key_id <= 0xFFFF_FFFF:
@@ -100,27 +101,38 @@ class MasterKey:
         if len(self.key) != MASTER_KEY_LENGTH:
             raise ValueError(f"master key must be {MASTER_KEY_LENGTH} bytes")
         object.__setattr__(self, "_siv", AESSIV(self.key))
+        object.__setattr__(self, "_id", _KEY_ID.pack(self.key_id))
 
     def seal(self, keys: CookieKeys, nonce: bytes) -> bytes:
         if len(nonce) != COOKIE_NONCE_LENGTH:
             raise ValueError(f"cookie nonce must be {COOKIE_NONCE_LENGTH} bytes")
-        key_id = _KEY_ID.pack(self.key_id)
-        return key_id + nonce + self._siv.encrypt(keys.plaintext(), [key_id, nonce])
+        return self.seal_plaintext(keys.plaintext(), nonce)
 
     def open(self, cookie: bytes) -> CookieKeys | None:
         """The keys in *cookie*, or ``None`` if this key did not seal it."""
+        plaintext = self.open_plaintext(cookie)
+        return None if plaintext is None else CookieKeys.from_plaintext(plaintext)
+
+    # The datagram path works on the plaintext (``CookieKeys.plaintext``):
+    # it keys the responder's cipher cache, so a known client costs no
+    # object and no check beyond the AEAD's own.
+
+    def seal_plaintext(self, plaintext: bytes, nonce: bytes) -> bytes:
+        """A cookie carrying *plaintext*; *nonce* must be 16 fresh random bytes."""
+        key_id = self._id
+        return key_id + nonce + self._siv.encrypt(plaintext, [key_id, nonce])
+
+    def open_plaintext(self, cookie: bytes) -> bytes | None:
+        """The plaintext of *cookie*, or ``None`` if this key did not seal it."""
         head = KEY_ID_LENGTH + COOKIE_NONCE_LENGTH
-        if len(cookie) < head + SIV_TAG_LENGTH:
+        if len(cookie) < head + SIV_TAG_LENGTH or cookie[:KEY_ID_LENGTH] != self._id:
             return None
-        key_id = cookie[:KEY_ID_LENGTH]
-        if _KEY_ID.unpack(key_id)[0] != self.key_id:
-            return None
-        nonce = cookie[KEY_ID_LENGTH:head]
         try:
-            plaintext = self._siv.decrypt(cookie[head:], [key_id, nonce])
+            return self._siv.decrypt(
+                cookie[head:], [self._id, cookie[KEY_ID_LENGTH:head]]
+            )
         except InvalidTag:
             return None
-        return CookieKeys.from_plaintext(plaintext)
 
     def to_json(self) -> dict[str, object]:
         return {"id": self.key_id, "created": self.created, "key": self.key.hex()}

@@ -119,25 +119,37 @@ class Authenticator:
 
 
 def parse_authenticator(field: ExtensionField) -> Authenticator:
-    body = field.body
     if field.type != AUTHENTICATOR:
         raise ExtensionError(f"field type {field.type:#06x} is not an authenticator")
-    if len(body) < _AUTH_HEADER.size:
+    body = _EF_HEADER.pack(field.type, field.length) + field.body
+    nonce_length, ciphertext_start, ciphertext_length = authenticator_parts(
+        body, 0, len(body)
+    )
+    return Authenticator(
+        field.offset,
+        body[8 : 8 + nonce_length],
+        body[ciphertext_start : ciphertext_start + ciphertext_length],
+    )
+
+
+def authenticator_parts(packet: bytes, start: int, end: int) -> tuple[int, int, int]:
+    """Nonce length, ciphertext start and length of the Authenticator EF at
+    *start*..*end* of *packet* (the nonce starts at ``start + 8``).
+
+    Raises :class:`ExtensionError` when they do not fit the field, or the
+    nonce is empty or the ciphertext shorter than the SIV tag.
+    """
+    if end - start < 4 + _AUTH_HEADER.size:
         raise ExtensionError("authenticator too short for its lengths")
-    nonce_length, ciphertext_length = _AUTH_HEADER.unpack_from(body)
-    nonce_space = max(_padded(nonce_length), MIN_NONCE_LENGTH)
+    nonce_length, ciphertext_length = _AUTH_HEADER.unpack_from(packet, start + 4)
     if nonce_length < 1 or ciphertext_length < SIV_TAG_LENGTH:
         raise ExtensionError(
             f"authenticator nonce {nonce_length} / ciphertext {ciphertext_length} bytes"
         )
-    if _AUTH_HEADER.size + nonce_space + _padded(ciphertext_length) > len(body):
+    nonce_space = max(_padded(nonce_length), MIN_NONCE_LENGTH)
+    if 8 + nonce_space + _padded(ciphertext_length) > end - start:
         raise ExtensionError("authenticator nonce and ciphertext overrun the field")
-    start = _AUTH_HEADER.size + _padded(nonce_length)
-    return Authenticator(
-        field.offset,
-        body[_AUTH_HEADER.size : _AUTH_HEADER.size + nonce_length],
-        body[start : start + ciphertext_length],
-    )
+    return nonce_length, start + 8 + _padded(nonce_length), ciphertext_length
 
 
 def encode_authenticator(
@@ -183,78 +195,131 @@ def open_authenticator(siv: AESSIV, packet: bytes, auth: Authenticator) -> bytes
         return None
 
 
+#: Where the NTS fields of a request are, as :func:`scan_request` finds them:
+#: (Unique Identifier start, end; NTS Cookie start, end; Cookie Placeholders
+#: outside the authenticator; Authenticator start, end). Starts are those of
+#: the whole field (type and length included); the cookie and authenticator
+#: starts are -1 for a Unique Identifier on its own.
+Layout = tuple[int, int, int, int, int, int, int]
+
+_unpack_ef = _EF_HEADER.unpack_from
+
+
+def scan_request(packet: bytes, start: int = HEADER_LENGTH) -> Layout | None:
+    """Where the NTS fields of a client request are; ``None`` if it has none.
+
+    One pass over the extension fields with ``struct``, no objects: this is
+    the datagram path. RFC 8915 section 5.7 and 5.3 decide what is accepted:
+
+    * a complete NTS request: exactly one Unique Identifier (at least 32
+      bytes), one NTS Cookie and one NTS Authenticator, placeholders as long
+      as the cookie, other fields anywhere;
+    * a Unique Identifier on its own, without NTS (section 5.3): its reply
+      echoes it;
+    * fields after the Authenticator are unauthenticated: the server
+      discards them (section 5.7), unless they are NTS fields, which make
+      the request invalid, as do bytes after the last field (a legacy MAC).
+
+    Raises :class:`ExtensionError` for anything else that holds an NTS
+    field; fields that do not parse make the request plain NTP as long as no
+    NTS field came before (a legacy MAC or another protocol's bytes).
+    """
+    size = len(packet)
+    offset = start
+    uid = cookie = auth = -1
+    uid_end = cookie_end = auth_end = 0
+    placeholders = 0
+    placeholder_length = 0
+    seen = False
+    while offset < size:
+        left = size - offset
+        if left <= MAX_MAC_LENGTH:
+            break
+        ef_type, length = _unpack_ef(packet, offset)
+        nts = ef_type in NTS_TYPES
+        if length < MIN_EF_LENGTH or length & 3 or length > left:
+            if seen or nts:
+                raise ExtensionError(
+                    f"extension field type {ef_type:#06x} at {offset} has bad "
+                    f"length {length}"
+                )
+            return None
+        if nts:
+            seen = True
+            if auth >= 0:
+                raise ExtensionError("NTS field after the authenticator")
+            if ef_type == UNIQUE_IDENTIFIER:
+                if uid >= 0:
+                    raise ExtensionError("two Unique Identifier fields")
+                if length - 4 < MIN_UNIQUE_ID_LENGTH:
+                    raise ExtensionError("Unique Identifier shorter than 32 bytes")
+                uid, uid_end = offset, offset + length
+            elif ef_type == NTS_COOKIE:
+                if cookie >= 0:
+                    raise ExtensionError("two NTS Cookie fields")
+                cookie, cookie_end = offset, offset + length
+            elif ef_type == COOKIE_PLACEHOLDER:
+                if placeholders and length != placeholder_length:
+                    raise ExtensionError("cookie placeholders of different lengths")
+                placeholders += 1
+                placeholder_length = length
+            else:
+                auth, auth_end = offset, offset + length
+        offset += length
+    if not seen:
+        return None
+    if uid < 0:
+        raise ExtensionError("NTS fields without a Unique Identifier")
+    if cookie < 0 and auth < 0 and not placeholders:
+        return uid, uid_end, -1, 0, 0, -1, 0
+    if cookie < 0 or auth < 0:
+        raise ExtensionError(
+            "an NTS request needs a Unique Identifier, Cookie and Authenticator"
+        )
+    if offset != size:
+        raise ExtensionError("bytes after the last extension field")
+    if placeholders and placeholder_length != cookie_end - cookie:
+        raise ExtensionError("a cookie placeholder is not as long as the cookie")
+    return uid, uid_end, cookie, cookie_end, placeholders, auth, auth_end
+
+
 @dataclass(frozen=True, slots=True)
 class NtsRequest:
-    """The NTS fields of a client request, checked for form but not verified."""
+    """The NTS fields of a client request, checked for form but not verified.
+
+    A Unique Identifier on its own (no NTS, RFC 8915 section 5.3) has an
+    empty cookie and no authenticator.
+    """
 
     unique_id: bytes
     cookie: bytes
     #: Placeholders outside the authenticator (more may be encrypted in it).
     placeholders: int
-    authenticator: Authenticator
+    authenticator: Authenticator | None
 
 
 def parse_nts_request(packet: bytes) -> NtsRequest | None:
     """The NTS request in *packet*, ``None`` if it has no NTS fields at all.
 
-    Raises :class:`ExtensionError` for an NTS request a server must not
-    answer: fields that do not parse, no or several Unique Identifiers,
-    cookies or authenticators, an authenticator that is not the last field,
-    placeholders of another length than the cookie.
+    :func:`scan_request` as objects (for clients, tests and tools). Raises
+    :class:`ExtensionError` for an NTS request a server must not answer.
     """
-    try:
-        fields, end = parse_fields(packet)
-    except ExtensionError:
-        if _mentions_nts(packet):
-            raise
+    layout = scan_request(packet)
+    if layout is None:
         return None
-    unique_id: bytes | None = None
-    cookie: bytes | None = None
-    auth: ExtensionField | None = None
-    placeholder_lengths: list[int] = []
-    seen_nts = False
-    for field in fields:
-        ef_type = field.type
-        if ef_type not in NTS_TYPES:
-            continue
-        seen_nts = True
-        if auth is not None:
-            raise ExtensionError("NTS field after the authenticator")
-        if ef_type == UNIQUE_IDENTIFIER:
-            if unique_id is not None:
-                raise ExtensionError("two Unique Identifier fields")
-            if len(field.body) < MIN_UNIQUE_ID_LENGTH:
-                raise ExtensionError("Unique Identifier shorter than 32 bytes")
-            unique_id = field.body
-        elif ef_type == NTS_COOKIE:
-            if cookie is not None:
-                raise ExtensionError("two NTS Cookie fields")
-            cookie = field.body
-        elif ef_type == COOKIE_PLACEHOLDER:
-            placeholder_lengths.append(len(field.body))
-        else:
-            auth = field
-    if not seen_nts:
-        return None
-    if unique_id is None or cookie is None or auth is None:
-        raise ExtensionError(
-            "an NTS request needs a Unique Identifier, Cookie and Authenticator"
-        )
-    if auth is not fields[-1] or end != len(packet):
-        raise ExtensionError("the authenticator is not the last field")
-    if any(length != len(cookie) for length in placeholder_lengths):
-        raise ExtensionError("a cookie placeholder is not as long as the cookie")
-    return NtsRequest(
-        unique_id, cookie, len(placeholder_lengths), parse_authenticator(auth)
+    uid, uid_end, cookie, cookie_end, placeholders, auth, auth_end = layout
+    unique_id = packet[uid + 4 : uid_end]
+    if auth < 0:
+        return NtsRequest(unique_id, b"", 0, None)
+    field = ExtensionField(
+        AUTHENTICATOR, auth, auth_end - auth, packet[auth + 4 : auth_end]
     )
-
-
-def _mentions_nts(packet: bytes) -> bool:
-    """Whether the first EF (which may be all that parses) is an NTS one."""
-    if len(packet) < HEADER_LENGTH + 4:
-        return False
-    ef_type = _EF_HEADER.unpack_from(packet, HEADER_LENGTH)[0]
-    return ef_type in NTS_TYPES
+    return NtsRequest(
+        unique_id,
+        packet[cookie + 4 : cookie_end],
+        placeholders,
+        parse_authenticator(field),
+    )
 
 
 def encrypted_placeholders(plaintext: bytes, cookie_length: int) -> int:

@@ -1,45 +1,78 @@
 """The ``ntp`` format's responder with NTS (RFC 8915 section 5).
 
 Plain requests (48 bytes, or extension fields none of which are NTS) go to
-the wrapped :class:`udptime.ntp.NtpResponder` untouched. An NTS request is
-answered with that same 48-byte header followed by the Unique Identifier and
-an Authenticator, sealed with the session's S2C key, carrying one fresh
-cookie per cookie spent or asked for; the reply is padded to exactly the
+the wrapped :class:`udptime.responders.ntp.NtpResponder` untouched. An NTS
+request is answered with that same 48-byte header followed by the Unique
+Identifier and an Authenticator, sealed with the session's S2C key, carrying
+one fresh cookie per cookie spent or asked for; the reply is padded to the
 request's length and never exceeds it. A request whose cookie does not open
 or whose authenticator does not verify gets an NTS NAK; a malformed NTS
-request gets nothing.
+request gets nothing. A Unique Identifier without NTS (section 5.3) gets
+the plain reply with the identifier echoed.
 
-The transmit stamp is read when the header is built, after the request has
-been verified and the cookies sealed, so only the reply's own encryption
-lies between the stamp and the send.
+The reply authenticates its own transmit stamp, so it cannot be stamped
+late by the shell. Instead everything but the stamp is done while the
+request is answered (cookie opened, request verified, new cookies sealed,
+plaintext and lengths laid out, ciphers ready) and the reply is a *sealer*
+(:data:`udptime.core.Sealer`): the shell calls it right before sending that
+one reply, and it reads the clock, packs the header and runs the one AEAD
+call that must follow the stamp.
+
+Cost per reply is four AES-SIV calls and little else: the C2S/S2C ciphers
+of recent clients are cached by cookie plaintext (building them costs more
+than using them), nonces come from a pool filled with one ``os.urandom``
+call, and fields are found with ``struct`` (``scan_request``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection, Sequence
+import struct
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
-from udptime.ntp import KISS_NTSN, PACKET_SIZE, build_kiss, kiss_reply, parse_request
-from udptime.nts.cookies import CookieKeys, cookie_length
-from udptime.nts.extensions import (
-    MIN_NONCE_LENGTH,
-    ExtensionError,
-    NtsRequest,
-    build_nak,
-    build_response,
-    cookies_that_fit,
-    encrypted_placeholders,
-    open_authenticator,
-    parse_nts_request,
+from udptime.core import Reply, Sealer
+from udptime.ntp import KISS_NTSN, PACKET_SIZE, build_kiss, kiss_reply, ntp_from_ns
+from udptime.ntp import parse_request as parse_ntp_request
+from udptime.nts.cookies import (
+    COOKIE_NONCE_LENGTH,
+    KEY_ID_LENGTH,
+    CookieKeys,
+    MasterKey,
 )
+from udptime.nts.extensions import (
+    AUTHENTICATOR,
+    MAX_COOKIES,
+    MIN_NONCE_LENGTH,
+    NTS_COOKIE,
+    SIV_TAG_LENGTH,
+    ExtensionError,
+    Layout,
+    authenticator_parts,
+    encrypted_placeholders,
+    scan_request,
+)
+from udptime.nts.keyset import KeySet
 from udptime.responders.ntp import NtpResponder
 
 _V4_CLIENT = 4 << 3 | 3
+#: Ciphers kept for this many recent sessions (two AESSIV objects each).
+CIPHER_CACHE = 1024
+#: Random bytes drawn per ``os.urandom`` call, shared by reply and cookie nonces.
+RANDOM_POOL = 4096
+_NONCE = MIN_NONCE_LENGTH
+_EF_HEADER = struct.Struct("!HH")
+#: Authenticator EF header, nonce and ciphertext lengths.
+_AUTH_HEAD = struct.Struct("!HHHH")
+_KEY_ID = struct.Struct("!I")
+#: A cookie is its plaintext plus key id, nonce and SIV tag.
+COOKIE_OVERHEAD = KEY_ID_LENGTH + COOKIE_NONCE_LENGTH + SIV_TAG_LENGTH
 
 
 @dataclass
@@ -50,28 +83,69 @@ class NtsCounters:
     naks: int = 0
     malformed: int = 0
     cookies: int = 0
+    #: Unique Identifiers without NTS, echoed (RFC 8915 section 5.3).
+    echoed: int = 0
 
 
 class CookieJar(Protocol):
-    """The master keys as the datagram path sees them: seal new cookies, open old."""
+    """The master keys as the datagram path sees them: read once per request,
+    so a rotation (a new :class:`KeySet` swapped in) applies at once."""
 
-    def seal(self, keys: CookieKeys) -> bytes: ...
+    @property
+    def key_set(self) -> KeySet: ...
 
-    def open(self, cookie: bytes) -> CookieKeys | None: ...
+
+def _seal_reply(
+    prefix: bytes,
+    stamp: Callable[[], bytes],
+    unique_id: bytes,
+    s2c: AESSIV,
+    plaintext: bytes,
+    nonce: bytes,
+    auth_head: bytes,
+    padding: bytes,
+) -> bytes:
+    """The NTS reply, stamped now: all that has to follow the clock read."""
+    associated = prefix + stamp() + unique_id
+    return (
+        associated + auth_head + s2c.encrypt(plaintext, [associated, nonce]) + padding
+    )
+
+
+def _echo_reply(prefix: bytes, stamp: Callable[[], bytes], unique_id: bytes) -> bytes:
+    """A plain reply echoing a Unique Identifier, stamped now."""
+    return prefix + stamp() + unique_id
 
 
 class NtsResponder:
     """The ``ntp`` responder, plus NTS: plain requests go to the NTP responder.
 
-    Replies to NTS requests are authenticated as a whole, transmit stamp
-    included, so they are complete: the shell must not stamp them late.
-    Refusals (RATE, DENY kisses) to an NTS request are NTS replies too: they
-    echo the Unique Identifier and, when the cookie opens, are authenticated
-    and carry fresh cookies, so that a client (RFC 8915 section 5.7) acts on
-    them instead of discarding them.
+    Replies to NTS requests are sealers (see the module docstring) and are
+    listed as complete in a batch. Refusals (RATE, DENY kisses) to an NTS
+    request are NTS replies too: they echo the Unique Identifier and, when
+    the cookie opens, are authenticated and carry fresh cookies, so that a
+    client (RFC 8915 section 5.7) acts on them instead of discarding them.
+
+    NTS is defined for NTPv4 only: NTS fields in a request of another
+    version (or mode) make it malformed, and it is dropped, never answered
+    without its Unique Identifier (section 5.3). chronyd drops such
+    requests too.
     """
 
-    __slots__ = ("_keys", "_ntp", "_random", "counters")
+    __slots__ = (
+        "_ciphers",
+        "_fits",
+        "_key_set",
+        "_keys",
+        "_ntp",
+        "_opens",
+        "_pool",
+        "_pool_at",
+        "_random",
+        "_sealer",
+        "_stamp",
+        "counters",
+    )
 
     late_stamp = True
     echoes_anything = False
@@ -85,107 +159,241 @@ class NtsResponder:
         random: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self._ntp = ntp
+        self._stamp = ntp.stamp
         self._keys = keys
         self._random = random
+        self._pool = b""
+        self._pool_at = 0
+        self._ciphers: OrderedDict[bytes, tuple[AESSIV, AESSIV]] = OrderedDict()
+        self._fits: dict[tuple[int, int, int, int], int] = {}
+        self._key_set: KeySet | None = None
+        self._opens: Mapping[bytes, MasterKey] = {}
+        self._sealer: MasterKey | None = None
         self.counters = NtsCounters()
 
-    def _nts(self, request: bytes) -> NtsRequest | None | bool:
-        """The NTS request, ``None`` for plain NTP, ``False`` for malformed."""
-        if len(request) <= PACKET_SIZE or request[0] & 0x3F != _V4_CLIENT:
-            return None
-        try:
-            return parse_nts_request(request)
-        except ExtensionError:
-            self.counters.malformed += 1
-            return False
+    # -- the Responder protocol --------------------------------------------
 
-    def answer(self, request: bytes, received_ns: int) -> bytes | None:
-        nts = self._nts(request)
-        if nts is None:
-            return self._ntp.answer(request, received_ns)
-        return self._answer(
-            request, nts, lambda: self._ntp.answer(request, received_ns)
-        )
+    def answer(self, request: bytes, received_ns: int) -> Reply | None:
+        if len(request) > PACKET_SIZE:
+            layout = self._scan(request)
+            if layout is not None:
+                return self._reply(request, received_ns, layout) if layout else None
+        return self._ntp.answer(request, received_ns)
 
     def answer_batch(
         self, requests: Sequence[bytes], received_ns: Sequence[int]
-    ) -> tuple[list[bytes | None], Collection[int]]:
+    ) -> tuple[Sequence[Reply | None], Collection[int]]:
         """Plain requests as one NTP batch (stamped late); NTS ones complete."""
         extended = [i for i, r in enumerate(requests) if len(r) > PACKET_SIZE]
         if not extended:
             return self._ntp.answer_batch(requests, received_ns)
-        replies, _ = self._ntp.answer_batch(requests, received_ns)
+        plain, _ = self._ntp.answer_batch(requests, received_ns)
+        replies: list[Reply | None] = list(plain)
         complete: list[int] = []
         for i in extended:
             request = requests[i]
-            nts = self._nts(request)
-            if nts is None:
+            layout = self._scan(request)
+            if layout is None:
                 continue
-            reply = self._answer(request, nts, partial(self._stamped, replies[i]))
+            reply = self._reply(request, received_ns[i], layout) if layout else None
             replies[i] = reply
             if reply is not None:
                 complete.append(i)
         return replies, complete
 
     def stamp(self) -> bytes:
-        return self._ntp.stamp()
-
-    def _stamped(self, unstamped: bytes | None) -> bytes | None:
-        """A batch reply head, stamped now: after the cookies are sealed."""
-        if unstamped is None:
-            return None
-        return unstamped[:-8] + self._ntp.stamp()
+        return self._stamp()
 
     def refuse(self, request: bytes, why: bytes) -> bytes | None:
-        nts = self._nts(request)
-        if nts is None:
-            return kiss_reply(request, why)
-        return self._answer(request, nts, lambda: kiss_reply(request, why), kiss=why)
+        if len(request) > PACKET_SIZE:
+            layout = self._scan(request)
+            if layout is not None:
+                if not layout:
+                    return None
+                reply = self._reply(request, 0, layout, why)
+                assert reply is None or isinstance(reply, bytes)
+                return reply
+        return kiss_reply(request, why)
 
-    def _answer(
+    # -- NTS ------------------------------------------------------------------
+
+    def _scan(self, request: bytes) -> Layout | None | tuple[()]:
+        """The NTS fields, ``None`` for plain NTP, ``()`` for malformed."""
+        try:
+            layout = scan_request(request)
+        except ExtensionError:
+            self.counters.malformed += 1
+            return ()
+        if layout is not None and request[0] & 0x3F != _V4_CLIENT:
+            self.counters.malformed += 1
+            return ()
+        return layout
+
+    def _reply(
         self,
         request: bytes,
-        nts: NtsRequest | bool,
-        header: Callable[[], bytes | None],
+        received_ns: int,
+        layout: Layout,
         kiss: bytes | None = None,
-    ) -> bytes | None:
-        if not isinstance(nts, NtsRequest):
-            return None
-        keys = self._keys.open(nts.cookie)
-        if keys is None:
-            return self._nak(request, nts, kiss or KISS_NTSN)
-        plaintext = open_authenticator(AESSIV(keys.c2s), request, nts.authenticator)
-        if plaintext is None:
-            return self._nak(request, nts, kiss or KISS_NTSN)
+    ) -> Reply | None:
+        """The reply to a request with NTS fields: a sealer, or complete
+        bytes for a kiss (which carries no time of ours)."""
+        uid, uid_end, cookie, cookie_end, placeholders, auth, auth_end = layout
+        unique_id = request[uid:uid_end]
+        if auth < 0:
+            return self._echo(request, received_ns, unique_id, kiss)
+        key_set = self._keys.key_set
+        if key_set is not self._key_set:
+            self._use(key_set)
+        body = request[cookie + 4 : cookie_end]
+        master = self._opens.get(body[:4])
+        plain = master.open_plaintext(body) if master is not None else None
+        ciphers = None if plain is None else self._ciphers_for(plain)
+        if ciphers is None:
+            return self._nak(request, unique_id, kiss or KISS_NTSN)
+        c2s, s2c = ciphers
         try:
-            wanted = 1 + nts.placeholders
-            wanted += encrypted_placeholders(plaintext, len(nts.cookie))
+            nonce_length, start, length = authenticator_parts(request, auth, auth_end)
         except ExtensionError:
             self.counters.malformed += 1
             return None
-        count = cookies_that_fit(
-            len(request), len(nts.unique_id), cookie_length(keys.aead), wanted
+        try:
+            inner = c2s.decrypt(
+                request[start : start + length],
+                [request[:auth], request[auth + 8 : auth + 8 + nonce_length]],
+            )
+        except InvalidTag:
+            return self._nak(request, unique_id, kiss or KISS_NTSN)
+        wanted = 1 + placeholders
+        if inner:
+            try:
+                wanted += encrypted_placeholders(inner, cookie_end - cookie - 4)
+            except ExtensionError:
+                self.counters.malformed += 1
+                return None
+        # The reply is at most as long as the authenticated request: fields
+        # after the authenticator are discarded (section 5.7).
+        size = auth_end
+        assert plain is not None and self._sealer is not None
+        # New cookies are as long as the one presented (same plaintext), a
+        # multiple of 4 bytes: the EF needs no padding.
+        cookie_field = 4 + COOKIE_OVERHEAD + len(plain)
+        count = self._fit(size, uid_end - uid, cookie_field, wanted)
+        nonces = self._nonces(count + 1)
+        seal = self._sealer.seal_plaintext
+        cookie_head = _EF_HEADER.pack(NTS_COOKIE, cookie_field)
+        plaintext = b"".join(
+            [
+                cookie_head + seal(plain, nonces[j : j + _NONCE])
+                for j in range(_NONCE, (count + 1) * _NONCE, _NONCE)
+            ]
         )
-        seal = self._keys.seal
-        cookies = [seal(keys) for _ in range(count)]
-        nonce = self._random(MIN_NONCE_LENGTH)
-        s2c = AESSIV(keys.s2c)
-        head = header()
-        if head is None:
-            return None
+        nonce = nonces[:_NONCE]
+        ciphertext = SIV_TAG_LENGTH + len(plaintext)
+        auth_length = size - PACKET_SIZE - len(unique_id)
+        auth_head = _AUTH_HEAD.pack(AUTHENTICATOR, auth_length, _NONCE, ciphertext)
+        padding = bytes(auth_length - 8 - _NONCE - ciphertext)
         self.counters.authenticated += 1
         self.counters.cookies += count
-        return build_response(
-            head, nts.unique_id, s2c, cookies, nonce, length=len(request)
+        if kiss is not None:
+            head = kiss_reply(request, kiss)
+            if head is None:
+                return None
+            associated = head + unique_id
+            return (
+                associated
+                + auth_head
+                + nonce
+                + s2c.encrypt(plaintext, [associated, nonce])
+                + padding
+            )
+        head = self._ntp.head(request)
+        if head is None:
+            return None
+        prefix = head + request[40:48] + ntp_from_ns(received_ns)
+        return partial(
+            _seal_reply,
+            prefix,
+            self._stamp,
+            unique_id,
+            s2c,
+            plaintext,
+            nonce,
+            auth_head + nonce,
+            padding,
         )
 
-    def _nak(self, request: bytes, nts: NtsRequest, code: bytes) -> bytes | None:
-        """An unauthenticated kiss echoing the Unique Identifier (NTSN: a NAK)."""
-        parsed = parse_request(request)
-        if parsed is None:
+    def _echo(
+        self, request: bytes, received_ns: int, unique_id: bytes, kiss: bytes | None
+    ) -> Reply | None:
+        """A Unique Identifier without NTS: the plain reply, the field echoed."""
+        if kiss is not None:
+            head = kiss_reply(request, kiss)
+            return None if head is None else head + unique_id
+        head = self._ntp.head(request)
+        if head is None:
             return None
+        self.counters.echoed += 1
+        prefix = head + request[40:48] + ntp_from_ns(received_ns)
+        sealer: Sealer = partial(_echo_reply, prefix, self._stamp, unique_id)
+        return sealer
+
+    def _nak(self, request: bytes, unique_id: bytes, code: bytes) -> bytes | None:
+        """An unauthenticated kiss echoing the Unique Identifier (NTSN: a NAK)."""
         if code == KISS_NTSN:
+            parsed = parse_ntp_request(request)
+            if parsed is None:
+                return None
             self.counters.naks += 1
-            return build_nak(build_kiss(parsed, code), nts.unique_id)
+            return build_kiss(parsed, code) + unique_id
         kiss = kiss_reply(request, code)
-        return None if kiss is None else build_nak(kiss, nts.unique_id)
+        return None if kiss is None else kiss + unique_id
+
+    # -- caches ---------------------------------------------------------------
+
+    def _use(self, key_set: KeySet) -> None:
+        """Index a newly swapped-in key set by the key ids cookies start with."""
+        self._opens = {_KEY_ID.pack(key.key_id): key for key in key_set.keys}
+        self._sealer = key_set.current
+        self._key_set = key_set
+
+    def _ciphers_for(self, plain: bytes) -> tuple[AESSIV, AESSIV] | None:
+        """The session's C2S and S2C ciphers, cached; ``None`` for a plaintext
+        that is not one of ours (it was sealed by us, so only a bug or a
+        damaged keys file gets here)."""
+        cache = self._ciphers
+        ciphers = cache.get(plain)
+        if ciphers is not None:
+            cache.move_to_end(plain)
+            return ciphers
+        keys = CookieKeys.from_plaintext(plain)
+        if keys is None:
+            return None
+        ciphers = cache[plain] = AESSIV(keys.c2s), AESSIV(keys.s2c)
+        if len(cache) > CIPHER_CACHE:
+            cache.popitem(last=False)
+        return ciphers
+
+    def _fit(self, size: int, uid_field: int, cookie_field: int, wanted: int) -> int:
+        """How many new cookies a reply of at most *size* bytes holds."""
+        key = (size, uid_field, cookie_field, wanted)
+        count = self._fits.get(key)
+        if count is None:
+            fixed = PACKET_SIZE + uid_field + 8 + _NONCE + SIV_TAG_LENGTH
+            count = min(wanted, MAX_COOKIES)
+            while count > 0 and fixed + count * cookie_field > size:
+                count -= 1
+            if len(self._fits) >= 256:
+                self._fits.clear()
+            self._fits[key] = count
+        return count
+
+    def _nonces(self, count: int) -> bytes:
+        """*count* 16-byte nonces from the random pool (refilled as needed)."""
+        need = count * _NONCE
+        at = self._pool_at
+        if at + need > len(self._pool):
+            self._pool = self._random(max(RANDOM_POOL, need))
+            at = 0
+        self._pool_at = at + need
+        return self._pool[at : at + need]
