@@ -5,7 +5,8 @@ one (``datagramReceived``, one ``sendto`` per reply) and the Linux batch port
 (``batch_received``, one ``sendmmsg`` per batch, late stamp written by the
 sender at the slot the responder declares). Neither reads protocol bytes.
 A reply that is a sealer (``udptime.core.Sealer``) is called right before
-its own send and sent alone. Logging happens after the send: responder
+its send, after the batch's other replies went out, in a send of its own
+or with at most three other sealed replies (:data:`SEALED_PER_SEND`). Logging happens after the send: responder
 errors (throttled) and, with ``--verbose``, one line per datagram.
 """
 
@@ -27,6 +28,11 @@ from udptime.logthrottle import LogThrottle
 from udptime.mmsg.receive import Receiver
 from udptime.mmsg.send import Sender
 from udptime.policy import PolicyError, pack_host
+
+#: Sealed replies (``udptime.core.Sealer``) sent together at most: each is
+#: stamped before the sealing of the others in its send (~3 us each), and
+#: each send saves the syscalls of the others.
+SEALED_PER_SEND = 4
 
 
 def ns_clock(clock: IReactorTime) -> Callable[[], int]:
@@ -106,7 +112,7 @@ class TimeProtocol(DatagramProtocol):
                 sealers.append((i, reply))
         plain = cast("Sequence[bytes | None]", replies)
         if sealers:
-            # Sealed and sent one by one after the others (see udptime.core).
+            # Sealed and sent after the others, a few at a time (udptime.core).
             rest = list(plain)
             for i, _ in sealers:
                 rest[i] = None
@@ -117,12 +123,9 @@ class TimeProtocol(DatagramProtocol):
             counters.answered += count - dropped
             if dropped:
                 counters.send_errors += dropped
-        for i, sealer in sealers:
-            sealed = self._sealed(sealer, addrs[i], ports[i])
-            if sealed is not None:
-                dropped = sender.send_one(i, sealed)
-                counters.answered += 1 - dropped
-                counters.send_errors += dropped
+        for start in range(0, len(sealers), SEALED_PER_SEND):
+            group = sealers[start : start + SEALED_PER_SEND]
+            self._seal_and_send(group, sender, addrs, ports)
         latency = self.latency
         if latency is not None and (count or sealers):
             sent = self.clock_ns()
@@ -130,6 +133,33 @@ class TimeProtocol(DatagramProtocol):
                 if reply is not None:
                     latency.observe((sent - moment) / 1e9)
         self._log_queued()
+
+    def _seal_and_send(
+        self,
+        group: list[tuple[int, Sealer]],
+        sender: Sender,
+        addrs: Sequence[bytes],
+        ports: Sequence[int],
+    ) -> None:
+        """Seal a few replies, then send them at once (one alone: ``sendto``)."""
+        counters = self.counters
+        if len(group) == 1:
+            i, sealer = group[0]
+            sealed = self._sealed(sealer, addrs[i], ports[i])
+            if sealed is not None:
+                dropped = sender.send_one(i, sealed)
+                counters.answered += 1 - dropped
+                counters.send_errors += dropped
+            return
+        out: list[bytes | None] = [None] * (max(i for i, _ in group) + 1)
+        count = 0
+        for i, sealer in group:
+            sealed = out[i] = self._sealed(sealer, addrs[i], ports[i])
+            count += sealed is not None
+        if count:
+            dropped = sender.send(out)
+            counters.answered += count - dropped
+            counters.send_errors += dropped
 
     def _sealed(self, sealer: Sealer, packed: bytes, port: int) -> bytes | None:
         """The reply a sealer makes now; a sealer that raises costs its reply."""

@@ -38,7 +38,13 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 from udptime.core import Reply, Sealer
-from udptime.ntp import KISS_NTSN, PACKET_SIZE, build_kiss, kiss_reply, ntp_from_ns
+from udptime.ntp import (
+    KISS_NTSN,
+    PACKET_SIZE,
+    build_kiss,
+    fixed_from_ns,
+    kiss_reply,
+)
 from udptime.ntp import parse_request as parse_ntp_request
 from udptime.nts.cookies import (
     COOKIE_NONCE_LENGTH,
@@ -54,7 +60,6 @@ from udptime.nts.extensions import (
     SIV_TAG_LENGTH,
     ExtensionError,
     Layout,
-    authenticator_parts,
     encrypted_placeholders,
     scan_request,
 )
@@ -71,6 +76,9 @@ _EF_HEADER = struct.Struct("!HH")
 #: Authenticator EF header, nonce and ciphertext lengths.
 _AUTH_HEAD = struct.Struct("!HHHH")
 _KEY_ID = struct.Struct("!I")
+_LENGTHS = struct.Struct("!HH").unpack_from
+#: Reply bytes 0-39: head, origin (the request's transmit), receive stamp.
+_PREFIX = struct.Struct("!24s8sQ").pack
 #: A cookie is its plaintext plus key id, nonce and SIV tag.
 COOKIE_OVERHEAD = KEY_ID_LENGTH + COOKIE_NONCE_LENGTH + SIV_TAG_LENGTH
 
@@ -184,21 +192,31 @@ class NtsResponder:
         self, requests: Sequence[bytes], received_ns: Sequence[int]
     ) -> tuple[Sequence[Reply | None], Collection[int]]:
         """Plain requests as one NTP batch (stamped late); NTS ones complete."""
-        extended = [i for i, r in enumerate(requests) if len(r) > PACKET_SIZE]
-        if not extended:
+        for request in requests:
+            if len(request) > PACKET_SIZE:
+                break
+        else:
             return self._ntp.answer_batch(requests, received_ns)
-        plain, _ = self._ntp.answer_batch(requests, received_ns)
-        replies: list[Reply | None] = list(plain)
+        replies: list[Reply | None] = [None] * len(requests)
         complete: list[int] = []
-        for i in extended:
-            request = requests[i]
-            layout = self._scan(request)
-            if layout is None:
-                continue
-            reply = self._reply(request, received_ns[i], layout) if layout else None
-            replies[i] = reply
-            if reply is not None:
-                complete.append(i)
+        plain: list[int] = []
+        for i, request in enumerate(requests):
+            if len(request) > PACKET_SIZE:
+                layout = self._scan(request)
+                if layout is not None:
+                    if layout:
+                        reply = self._reply(request, received_ns[i], layout)
+                        if reply is not None:
+                            replies[i] = reply
+                            complete.append(i)
+                    continue
+            plain.append(i)
+        if plain:
+            answered, _ = self._ntp.answer_batch(
+                [requests[i] for i in plain], [received_ns[i] for i in plain]
+            )
+            for i, reply in zip(plain, answered):
+                replies[i] = reply
         return replies, complete
 
     def stamp(self) -> bytes:
@@ -237,7 +255,11 @@ class NtsResponder:
         kiss: bytes | None = None,
     ) -> Reply | None:
         """The reply to a request with NTS fields: a sealer, or complete
-        bytes for a kiss (which carries no time of ours)."""
+        bytes for a kiss (which carries no time of ours).
+
+        The hot path of NTS: helpers are inlined where a call would cost
+        more than the line it saves.
+        """
         uid, uid_end, cookie, cookie_end, placeholders, auth, auth_end = layout
         unique_id = request[uid:uid_end]
         if auth < 0:
@@ -248,18 +270,32 @@ class NtsResponder:
         body = request[cookie + 4 : cookie_end]
         master = self._opens.get(body[:4])
         plain = master.open_plaintext(body) if master is not None else None
-        ciphers = None if plain is None else self._ciphers_for(plain)
-        if ciphers is None:
+        if plain is None:
             return self._nak(request, unique_id, kiss or KISS_NTSN)
+        ciphers = self._ciphers.get(plain)
+        if ciphers is None:
+            ciphers = self._new_ciphers(plain)
+            if ciphers is None:
+                return self._nak(request, unique_id, kiss or KISS_NTSN)
+        else:
+            self._ciphers.move_to_end(plain)
         c2s, s2c = ciphers
-        try:
-            nonce_length, start, length = authenticator_parts(request, auth, auth_end)
-        except ExtensionError:
+        nonce_length, ciphertext_length = _LENGTHS(request, auth + 4)
+        start = auth + 8 + (nonce_length + 3 & ~3)
+        if (
+            nonce_length < 1
+            or ciphertext_length < SIV_TAG_LENGTH
+            or auth
+            + 8
+            + max(nonce_length + 3 & ~3, _NONCE)
+            + (ciphertext_length + 3 & ~3)
+            > auth_end
+        ):
             self.counters.malformed += 1
             return None
         try:
             inner = c2s.decrypt(
-                request[start : start + length],
+                request[start : start + ciphertext_length],
                 [request[:auth], request[auth + 8 : auth + 8 + nonce_length]],
             )
         except InvalidTag:
@@ -272,33 +308,43 @@ class NtsResponder:
                 self.counters.malformed += 1
                 return None
         # The reply is at most as long as the authenticated request: fields
-        # after the authenticator are discarded (section 5.7).
-        size = auth_end
-        assert plain is not None and self._sealer is not None
-        # New cookies are as long as the one presented (same plaintext), a
-        # multiple of 4 bytes: the EF needs no padding.
+        # after the authenticator are discarded (section 5.7). New cookies
+        # are as long as the one presented (same plaintext), a multiple of
+        # 4 bytes: their fields need no padding.
         cookie_field = 4 + COOKIE_OVERHEAD + len(plain)
-        count = self._fit(size, uid_end - uid, cookie_field, wanted)
-        nonces = self._nonces(count + 1)
-        seal = self._sealer.seal_plaintext
+        fit = (auth_end, uid_end - uid, cookie_field, wanted)
+        count = self._fits.get(fit)
+        if count is None:
+            count = self._fit(*fit)
+        need = (count + 1) * _NONCE
+        at = self._pool_at
+        if at + need > len(self._pool):
+            self._pool = self._random(max(RANDOM_POOL, need))
+            at = 0
+        self._pool_at = at + need
+        pool = self._pool
+        nonce = pool[at : at + _NONCE]
+        seal = self._sealer.seal_plaintext  # type: ignore[union-attr]
         cookie_head = _EF_HEADER.pack(NTS_COOKIE, cookie_field)
-        plaintext = b"".join(
-            [
-                cookie_head + seal(plain, nonces[j : j + _NONCE])
-                for j in range(_NONCE, (count + 1) * _NONCE, _NONCE)
-            ]
-        )
-        nonce = nonces[:_NONCE]
+        if count == 1:
+            plaintext = cookie_head + seal(plain, pool[at + _NONCE : at + need])
+        else:
+            plaintext = b"".join(
+                [
+                    cookie_head + seal(plain, pool[j : j + _NONCE])
+                    for j in range(at + _NONCE, at + need, _NONCE)
+                ]
+            )
         ciphertext = SIV_TAG_LENGTH + len(plaintext)
-        auth_length = size - PACKET_SIZE - len(unique_id)
+        auth_length = auth_end - PACKET_SIZE - len(unique_id)
         auth_head = _AUTH_HEAD.pack(AUTHENTICATOR, auth_length, _NONCE, ciphertext)
         padding = bytes(auth_length - 8 - _NONCE - ciphertext)
-        self.counters.authenticated += 1
-        self.counters.cookies += count
         if kiss is not None:
             head = kiss_reply(request, kiss)
             if head is None:
                 return None
+            self.counters.authenticated += 1
+            self.counters.cookies += count
             associated = head + unique_id
             return (
                 associated
@@ -310,10 +356,11 @@ class NtsResponder:
         head = self._ntp.head(request)
         if head is None:
             return None
-        prefix = head + request[40:48] + ntp_from_ns(received_ns)
+        self.counters.authenticated += 1
+        self.counters.cookies += count
         return partial(
             _seal_reply,
-            prefix,
+            _PREFIX(head, request[40:48], fixed_from_ns(received_ns)),
             self._stamp,
             unique_id,
             s2c,
@@ -334,7 +381,7 @@ class NtsResponder:
         if head is None:
             return None
         self.counters.echoed += 1
-        prefix = head + request[40:48] + ntp_from_ns(received_ns)
+        prefix = _PREFIX(head, request[40:48], fixed_from_ns(received_ns))
         sealer: Sealer = partial(_echo_reply, prefix, self._stamp, unique_id)
         return sealer
 
@@ -357,43 +404,26 @@ class NtsResponder:
         self._sealer = key_set.current
         self._key_set = key_set
 
-    def _ciphers_for(self, plain: bytes) -> tuple[AESSIV, AESSIV] | None:
-        """The session's C2S and S2C ciphers, cached; ``None`` for a plaintext
-        that is not one of ours (it was sealed by us, so only a bug or a
-        damaged keys file gets here)."""
-        cache = self._ciphers
-        ciphers = cache.get(plain)
-        if ciphers is not None:
-            cache.move_to_end(plain)
-            return ciphers
+    def _new_ciphers(self, plain: bytes) -> tuple[AESSIV, AESSIV] | None:
+        """A session's C2S and S2C ciphers, made and cached; ``None`` for a
+        plaintext that is not one of ours (it was sealed by us, so only a
+        bug or a damaged keys file gets here)."""
         keys = CookieKeys.from_plaintext(plain)
         if keys is None:
             return None
+        cache = self._ciphers
         ciphers = cache[plain] = AESSIV(keys.c2s), AESSIV(keys.s2c)
         if len(cache) > CIPHER_CACHE:
             cache.popitem(last=False)
         return ciphers
 
     def _fit(self, size: int, uid_field: int, cookie_field: int, wanted: int) -> int:
-        """How many new cookies a reply of at most *size* bytes holds."""
-        key = (size, uid_field, cookie_field, wanted)
-        count = self._fits.get(key)
-        if count is None:
-            fixed = PACKET_SIZE + uid_field + 8 + _NONCE + SIV_TAG_LENGTH
-            count = min(wanted, MAX_COOKIES)
-            while count > 0 and fixed + count * cookie_field > size:
-                count -= 1
-            if len(self._fits) >= 256:
-                self._fits.clear()
-            self._fits[key] = count
+        """How many new cookies a reply of at most *size* bytes holds (cached)."""
+        fixed = PACKET_SIZE + uid_field + 8 + _NONCE + SIV_TAG_LENGTH
+        count = min(wanted, MAX_COOKIES)
+        while count > 0 and fixed + count * cookie_field > size:
+            count -= 1
+        if len(self._fits) >= 256:
+            self._fits.clear()
+        self._fits[size, uid_field, cookie_field, wanted] = count
         return count
-
-    def _nonces(self, count: int) -> bytes:
-        """*count* 16-byte nonces from the random pool (refilled as needed)."""
-        need = count * _NONCE
-        at = self._pool_at
-        if at + need > len(self._pool):
-            self._pool = self._random(max(RANDOM_POOL, need))
-            at = 0
-        self._pool_at = at + need
-        return self._pool[at : at + need]
