@@ -666,7 +666,7 @@ class ShellTests(unittest.TestCase):
         reads = [self.clock.read(reply[40:48]) for reply in replies]
         # One read for the late stamp of the plain replies, sent together
         # first; then one per sealed reply, read as it is sealed, right
-        # before the send that carries it (sealed ones go at most 4 a send).
+        # before its own send.
         self.assertEqual(reads, [1, 2, 1, 3, 4, 5, 6, 7])
         for kind, reply in zip(kinds, replies):
             if kind == "nts":

@@ -5,16 +5,16 @@ one (``datagramReceived``, one ``sendto`` per reply) and the Linux batch port
 (``batch_received``, one ``sendmmsg`` per batch, late stamp written by the
 sender at the slot the responder declares). Neither reads protocol bytes.
 A reply that is a sealer (``udptime.core.Sealer``) is called right before
-its send, after the batch's other replies went out, in a send of its own
-or with at most three other sealed replies (:data:`SEALED_PER_SEND`). Logging happens after the send: responder
-errors (throttled) and, with ``--verbose``, one line per datagram.
+its own send (``sendto``), after the batch's other replies went out.
+Logging happens after the send: responder errors (throttled) and, with
+``--verbose``, one line per datagram.
 """
 
 from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, cast
 
 from twisted.internet.base import ReactorBase
@@ -22,17 +22,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger, LogLevel
 
-from udptime.core import AnsweringCore, Sealer
+from udptime.core import AnsweringCore, Reply, Sealer
 from udptime.counters import LatencyHistogram
 from udptime.logthrottle import LogThrottle
 from udptime.mmsg.receive import Receiver
 from udptime.mmsg.send import Sender
 from udptime.policy import PolicyError, pack_host
-
-#: Sealed replies (``udptime.core.Sealer``) sent together at most: each is
-#: stamped before the sealing of the others in its send (~3 us each), and
-#: each send saves the syscalls of the others.
-SEALED_PER_SEND = 4
 
 
 def ns_clock(clock: IReactorTime) -> Callable[[], int]:
@@ -105,61 +100,34 @@ class TimeProtocol(DatagramProtocol):
         replies, complete = self.core.answer_batch(
             receiver.data(n), addrs, ports, received_ns, self._clock.seconds()
         )
-        sealers: list[tuple[int, Sealer]] = []
-        for i in complete:
-            reply = replies[i]
-            if reply is not None and not isinstance(reply, bytes):
-                sealers.append((i, reply))
-        plain = cast("Sequence[bytes | None]", replies)
+        sealers = _sealers(replies, complete) if complete else None
         if sealers:
-            # Sealed and sent after the others, a few at a time (udptime.core).
-            rest = list(plain)
-            for i, _ in sealers:
-                rest[i] = None
-            plain = rest
-        count = n - plain.count(None)
+            # Each sealed and sent on its own after the others (udptime.core).
+            replies = [None if i in sealers else r for i, r in enumerate(replies)]
+        count = n - replies.count(None)
         if count:
-            dropped = sender.send(plain, self._stamp, complete)
+            dropped = sender.send(
+                cast("Sequence[bytes | None]", replies), self._stamp, complete
+            )
             counters.answered += count - dropped
             if dropped:
                 counters.send_errors += dropped
-        for start in range(0, len(sealers), SEALED_PER_SEND):
-            group = sealers[start : start + SEALED_PER_SEND]
-            self._seal_and_send(group, sender, addrs, ports)
-        latency = self.latency
-        if latency is not None and (count or sealers):
-            sent = self.clock_ns()
-            for reply, moment in zip(replies, received_ns, strict=True):
-                if reply is not None:
-                    latency.observe((sent - moment) / 1e9)
+            latency = self.latency
+            if latency is not None:
+                sent = self.clock_ns()
+                for reply, moment in zip(replies, received_ns, strict=True):
+                    if reply is not None:
+                        latency.observe((sent - moment) / 1e9)
+        if sealers:
+            for i, sealer in sealers.items():
+                sealed = self._sealed(sealer, addrs[i], ports[i])
+                if sealed is not None:
+                    dropped = sender.send_one(i, sealed)
+                    counters.answered += 1 - dropped
+                    counters.send_errors += dropped
+                    if self.latency is not None:
+                        self.latency.observe((self.clock_ns() - received_ns[i]) / 1e9)
         self._log_queued()
-
-    def _seal_and_send(
-        self,
-        group: list[tuple[int, Sealer]],
-        sender: Sender,
-        addrs: Sequence[bytes],
-        ports: Sequence[int],
-    ) -> None:
-        """Seal a few replies, then send them at once (one alone: ``sendto``)."""
-        counters = self.counters
-        if len(group) == 1:
-            i, sealer = group[0]
-            sealed = self._sealed(sealer, addrs[i], ports[i])
-            if sealed is not None:
-                dropped = sender.send_one(i, sealed)
-                counters.answered += 1 - dropped
-                counters.send_errors += dropped
-            return
-        out: list[bytes | None] = [None] * (max(i for i, _ in group) + 1)
-        count = 0
-        for i, sealer in group:
-            sealed = out[i] = self._sealed(sealer, addrs[i], ports[i])
-            count += sealed is not None
-        if count:
-            dropped = sender.send(out)
-            counters.answered += count - dropped
-            counters.send_errors += dropped
 
     def _sealed(self, sealer: Sealer, packed: bytes, port: int) -> bytes | None:
         """The reply a sealer makes now; a sealer that raises costs its reply."""
@@ -222,3 +190,14 @@ def _host_text(packed: bytes) -> str:
         return socket.inet_ntop(family, packed)
     except (OSError, ValueError):
         return repr(packed)
+
+
+def _sealers(
+    replies: Sequence[Reply | None], complete: Collection[int]
+) -> dict[int, Sealer]:
+    """The sealers among the complete replies, by index."""
+    return {
+        i: reply
+        for i in complete
+        if (reply := replies[i]) is not None and not isinstance(reply, bytes)
+    }
