@@ -5,10 +5,10 @@ Run: ``python bench/nts_accuracy.py [--runs N] [--out FILE.json]``.
 
 One host, one clock: what a client measures against a server on the same
 machine is the server's stamping error (plus the clients' own). For each
-server (udptime with NTS, the same with ``--verbose``, and chronyd with NTS
-as the reference), idle and while loaded at half its measured maximum by
-the benchmark's NTS load (``bench/nts_load.py`` requests through
-``loadgen``):
+server (udptime with NTS, the same with ``--verbose``, chronyd with NTS as
+the reference, and plain udptime NTP for comparison), idle and while loaded
+at half its measured maximum by the benchmark's load (NTS servers: the
+``bench/nts_load.py`` requests through ``loadgen``):
 
 * ``chronyd -Q`` over NTS, *runs* times (each run an NTS-KE session and a
   burst of authenticated polls, ending in one offset);
@@ -49,6 +49,14 @@ NTPSEC = bench.REPO / "build" / "ntpsec" / "usr" / "sbin" / "ntpd"
 LOCAL = bench.LOCAL
 SERVERS = (
     bench.Variant(
+        bench.UDPTIME_NTP,
+        "udptime",
+        "ntp",
+        "ntp",
+        LOCAL,
+        note="plain NTP from the same server, for comparison",
+    ),
+    bench.Variant(
         bench.UDPTIME_NTS, "udptime", "ntp", "ntp", LOCAL, nts=True, note="defaults"
     ),
     bench.Variant(
@@ -64,19 +72,22 @@ SERVERS = (
 )
 
 
-def chronyd_nts_query(server: bench.Server) -> dict[str, Any]:
-    """``chronyd -Q`` over NTS: one offset, the clock never set."""
+def chronyd_query(server: bench.Server) -> dict[str, Any]:
+    """``chronyd -Q`` (over NTS for an NTS server): one offset, the clock
+    never set."""
     chronyd = shutil.which("chronyd") or "/usr/sbin/chronyd"
     work = Path(tempfile.mkdtemp(prefix="nts-acc-chrony-"))
     cmd = [chronyd, "-Q", "-t", "8"]
     if os.geteuid() == 0:
         cmd += ["-u", "root"]
+    source = f"server {server.host} port {server.port} iburst minpoll -6 maxpoll -6"
+    nts = []
+    if server.ke_port is not None:
+        source += f" nts ntsport {server.ke_port}"
+        nts = [f"ntstrustedcerts {server.workdir / 'nts-cert.pem'}"]
     cmd += [
-        (
-            f"server {server.host} port {server.port} nts ntsport {server.ke_port} "
-            "iburst minpoll -6 maxpoll -6"
-        ),
-        f"ntstrustedcerts {server.workdir / 'nts-cert.pem'}",
+        source,
+        *nts,
         f"pidfile {work / 'chronyd.pid'}",
         "cmdport 0",
         "bindcmdaddress /",
@@ -98,14 +109,21 @@ def chronyd_nts_query(server: bench.Server) -> dict[str, Any]:
 
 
 def ntpsec_offsets(ntpd: Path, server: bench.Server, seconds: float) -> dict[str, Any]:
-    """NTPsec's ntpd over NTS for *seconds*: its peerstats offsets."""
+    """NTPsec's ntpd (over NTS for an NTS server) for *seconds*: its
+    peerstats offsets."""
     work = Path(tempfile.mkdtemp(prefix="nts-acc-ntpsec-"))
     stats = work / "stats"
     stats.mkdir()
     conf = work / "ntp.conf"
+    if server.ke_port is not None:
+        source = (
+            f"server localhost:{server.ke_port} nts "
+            f"ca {server.workdir / 'nts-cert.pem'}"
+        )
+    else:
+        source = f"server 127.0.0.1:{server.port}"
     conf.write_text(
-        f"server localhost:{server.ke_port} nts "
-        f"ca {server.workdir / 'nts-cert.pem'} iburst minpoll 0 maxpoll 0\n"
+        f"{source} iburst minpoll 0 maxpoll 0\n"
         "disable ntp\n"
         "disable kernel\n"
         "interface ignore all\n"
@@ -151,8 +169,10 @@ def ntpsec_offsets(ntpd: Path, server: bench.Server, seconds: float) -> dict[str
     offsets = []
     for line in lines:
         parts = line.split()
-        # Authentic (CTL_PST_AUTHENTIC << 8) samples only.
-        if len(parts) >= 6 and int(parts[3], 16) & 0x2000:
+        if len(parts) < 6:
+            continue
+        # Over NTS, authentic (CTL_PST_AUTHENTIC << 8) samples only.
+        if server.ke_port is None or int(parts[3], 16) & 0x2000:
             offsets.append(float(parts[4]))
     return {**out, **summary(offsets)}
 
@@ -170,7 +190,7 @@ def summary(offsets: list[float]) -> dict[str, Any]:
 
 
 def max_rate(server: bench.Server) -> float:
-    """Replies/s with the benchmark's full closed-loop NTS load, 3 s."""
+    """Replies/s with the benchmark's full closed-loop load, 3 s."""
     cmd = bench.loadgen_command(
         server, bench.FULL, duration=3, warmup=0.5, sources=bench.DEFAULT_SOURCES
     )
@@ -213,7 +233,7 @@ def measure(
                 )
                 time.sleep(1.0)
             try:
-                chrony = [chronyd_nts_query(server) for _ in range(runs)]
+                chrony = [chronyd_query(server) for _ in range(runs)]
                 entry["chronyd"] = {
                     **summary([c["offset_s"] for c in chrony if "offset_s" in c]),
                     "errors": [c["error"] for c in chrony if "error" in c],
