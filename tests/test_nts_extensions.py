@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import select
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from unittest import skipUnless
 
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
@@ -26,7 +27,7 @@ from udptime.nts.cookies import CookieKeys, MasterKey
 from udptime.nts.keyset import KeyHolder
 from udptime.nts.responder import NtsResponder
 from udptime.nts.testing import memory_keys
-from udptime.protocol import TimeProtocol
+from udptime.protocol import SEAL_BUDGET_NS, TimeProtocol
 from udptime.registry import Context, get_format
 from udptime.responders.ntp import NtpResponder
 
@@ -681,6 +682,89 @@ class ShellTests(unittest.TestCase):
         self.assertEqual(sender.send_one(0, b""), 0)
         with self.assertRaises(ValueError):
             sender.send_one(receiver.batch, b"x")
+
+
+class ListReceiver:
+    """What ``batch_received`` reads from a ``Receiver``, from a list."""
+
+    def __init__(self, data: list[bytes]) -> None:
+        self.items = data
+
+    def sources(self, n: int) -> tuple[list[bytes], list[int]]:
+        return [b"\x7f\x00\x00\x01"] * n, list(range(4000, 4000 + n))
+
+    def received_ns(self, n: int) -> list[int]:
+        return [NOW_NS] * n
+
+    def data(self, n: int) -> list[bytes]:
+        return self.items[:n]
+
+
+class RecordingSender:
+    """Which slots each send carried, and what."""
+
+    def __init__(self) -> None:
+        self.sends: list[list[int]] = []
+        self.sent: dict[int, bytes] = {}
+
+    def send(
+        self,
+        replies: Sequence[bytes | None],
+        stamp: Callable[[], bytes] | None = None,
+        complete: Collection[int] = (),
+    ) -> int:
+        slots = [i for i, r in enumerate(replies) if r is not None]
+        self.sends.append(slots)
+        for i in slots:
+            reply = replies[i]
+            assert reply is not None
+            self.sent[i] = reply
+        return 0
+
+    def send_one(self, slot: int, reply: bytes) -> int:
+        self.sends.append([slot])
+        self.sent[slot] = reply
+        return 0
+
+
+class SealBudgetTests(unittest.TestCase):
+    """Sealed replies share a send only while sealing them stays in budget."""
+
+    def batch(self, step_ns: int) -> list[list[int]]:
+        store = memory_keys(NOW)
+        client = Client(store)
+        protocol = TimeProtocol(
+            "ntp",
+            AnsweringCore(
+                NtsResponder(NtpResponder(lambda: STATE, CountingClock()), store), None
+            ),
+            Clock(),
+        )
+        ticks = itertools.count(0, step_ns)
+        protocol.seal_clock_ns = lambda: next(ticks)
+        sender = RecordingSender()
+        requests = [header()] + [client.request() for _ in range(8)]
+        protocol.batch_received(
+            ListReceiver(requests),  # type: ignore[arg-type]
+            sender,  # type: ignore[arg-type]
+            len(requests),
+        )
+        self.assertEqual(protocol.counters.answered, 9)
+        for i in range(1, 9):
+            ext.open_response(sender.sent[i], client.s2c, client.unique_id)
+        return sender.sends
+
+    def test_quick_sealing_shares_sends(self) -> None:
+        self.assertEqual(self.batch(0), [[0], list(range(1, 9))])
+
+    def test_a_send_whenever_the_budget_is_spent(self) -> None:
+        # Each clock read 7/20 of the budget after the last: every third
+        # sealing crosses it.
+        step = SEAL_BUDGET_NS * 7 // 20
+        self.assertEqual(self.batch(step), [[0], [1, 2, 3], [4, 5, 6], [7, 8]])
+
+    def test_slow_sealing_sends_each_alone(self) -> None:
+        self.assertEqual(self.batch(SEAL_BUDGET_NS), [[i] for i in range(9)])
 
 
 class ClientSideTests(unittest.TestCase):

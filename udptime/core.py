@@ -14,14 +14,16 @@ Identifier). What the shell must log (responder errors, ``--verbose``
 outcomes) is queued here and read after the send.
 
 A reply is ``bytes``, or a :data:`Sealer`: a zero-argument callable that
-returns the complete reply, which the shell calls immediately before
-sending that one reply on its own, after the batch's other replies went
-out. It is for replies that must carry a time read as late as possible but
-cannot take the late stamp because a signature covers it (NTS): the
-responder does all the work it can before, the sealer reads the clock and
-signs, so only the signing lies between the stamp and the send. The shell
-tells a sealer from bytes by type alone and never looks inside either. In a
-batch, sealers are listed among the complete replies.
+returns the complete reply, which the shell calls immediately before the
+send that carries it, after the batch's other replies went out. It is for
+replies that must carry a time read as late as possible but cannot take the
+late stamp because a signature covers it (NTS): the responder does all the
+work it can before, the sealer reads the clock and signs, so only the
+signing lies between the stamp and the send. Under load the shell lets a
+few sealed replies share a send, within a time budget
+(``udptime.protocol.SEAL_BUDGET_NS``). It tells a sealer from bytes by type
+alone and never looks inside either. In a batch, sealers are listed among
+the complete replies.
 """
 
 from __future__ import annotations
