@@ -5,7 +5,8 @@ the wrapped :class:`udptime.responders.ntp.NtpResponder` untouched. An NTS
 request is answered with that same 48-byte header followed by the Unique
 Identifier and an Authenticator, sealed with the session's S2C key, carrying
 one fresh cookie per cookie spent or asked for; the reply is padded to the
-request's length and never exceeds it. A request whose cookie does not open
+length of the request up to its Authenticator (later fields are
+unauthenticated and discarded, section 5.7) and never exceeds it. A request whose cookie does not open
 or whose authenticator does not verify gets an NTS NAK; a malformed NTS
 request gets nothing. A Unique Identifier without NTS (section 5.3) gets
 the plain reply with the identifier echoed.
@@ -14,9 +15,9 @@ The reply authenticates its own transmit stamp, so it cannot be stamped
 late by the shell. Instead everything but the stamp is done while the
 request is answered (cookie opened, request verified, new cookies sealed,
 plaintext and lengths laid out, ciphers ready) and the reply is a *sealer*
-(:data:`udptime.core.Sealer`): the shell calls it right before sending that
-one reply, and it reads the clock, packs the header and runs the one AEAD
-call that must follow the stamp.
+(:data:`udptime.core.Sealer`): the shell calls it right before the send
+that carries it, and it reads the clock, packs the header and runs the one
+AEAD call that must follow the stamp.
 
 Cost per reply is four AES-SIV calls and little else: the C2S/S2C ciphers
 of recent clients are cached by cookie plaintext (building them costs more
