@@ -12,8 +12,9 @@ at half its measured maximum by the benchmark's load (NTS servers: the
 
 * ``chronyd -Q`` over NTS, *runs* times (each run an NTS-KE session and a
   burst of authenticated polls, ending in one offset);
-* NTPsec's ``ntpd`` over NTS for a while, its ``peerstats`` offsets (one
-  per poll), when an NTPsec ntpd is found (``build/ntpsec/`` as unpacked by
+* NTPsec's ``ntpd`` over NTS (NTS servers only: without NTS it asks port
+  123 only) for a while, its ``peerstats`` offsets (one per poll), when an
+  NTPsec ntpd is found (``build/ntpsec/`` as unpacked by
   ``.ci/run``, or ``--ntpsec PATH``) and 127.0.0.1:123 can be bound.
 
 Neither client may discipline the clock: chronyd runs with ``-Q``; ntpd
@@ -109,21 +110,17 @@ def chronyd_query(server: bench.Server) -> dict[str, Any]:
 
 
 def ntpsec_offsets(ntpd: Path, server: bench.Server, seconds: float) -> dict[str, Any]:
-    """NTPsec's ntpd (over NTS for an NTS server) for *seconds*: its
-    peerstats offsets."""
+    """NTPsec's ntpd over NTS for *seconds*: its peerstats offsets."""
+    if server.ke_port is None:
+        # Without NTS, ntpd's server line takes no port: it asks port 123.
+        return {"skipped": "NTPsec's ntpd queries plain NTP on port 123 only"}
     work = Path(tempfile.mkdtemp(prefix="nts-acc-ntpsec-"))
     stats = work / "stats"
     stats.mkdir()
     conf = work / "ntp.conf"
-    if server.ke_port is not None:
-        source = (
-            f"server localhost:{server.ke_port} nts "
-            f"ca {server.workdir / 'nts-cert.pem'}"
-        )
-    else:
-        source = f"server 127.0.0.1:{server.port}"
     conf.write_text(
-        f"{source} iburst minpoll 0 maxpoll 0\n"
+        f"server localhost:{server.ke_port} nts "
+        f"ca {server.workdir / 'nts-cert.pem'} iburst minpoll 0 maxpoll 0\n"
         "disable ntp\n"
         "disable kernel\n"
         "interface ignore all\n"
@@ -169,10 +166,8 @@ def ntpsec_offsets(ntpd: Path, server: bench.Server, seconds: float) -> dict[str
     offsets = []
     for line in lines:
         parts = line.split()
-        if len(parts) < 6:
-            continue
-        # Over NTS, authentic (CTL_PST_AUTHENTIC << 8) samples only.
-        if server.ke_port is None or int(parts[3], 16) & 0x2000:
+        # Authentic (CTL_PST_AUTHENTIC << 8) samples only.
+        if len(parts) >= 6 and int(parts[3], 16) & 0x2000:
             offsets.append(float(parts[4]))
     return {**out, **summary(offsets)}
 

@@ -687,8 +687,9 @@ class ShellTests(unittest.TestCase):
 class ListReceiver:
     """What ``batch_received`` reads from a ``Receiver``, from a list."""
 
-    def __init__(self, data: list[bytes]) -> None:
+    def __init__(self, data: list[bytes], batch: int) -> None:
         self.items = data
+        self.batch = batch
 
     def sources(self, n: int) -> tuple[list[bytes], list[int]]:
         return [b"\x7f\x00\x00\x01"] * n, list(range(4000, 4000 + n))
@@ -728,9 +729,10 @@ class RecordingSender:
 
 
 class SealBudgetTests(unittest.TestCase):
-    """Sealed replies share a send only while sealing them stays in budget."""
+    """Sealed replies of a full batch share a send while sealing them stays
+    within the budget; in any other batch each goes alone."""
 
-    def batch(self, step_ns: int) -> list[list[int]]:
+    def batch(self, step_ns: int, *, full: bool = True) -> list[list[int]]:
         store = memory_keys(NOW)
         client = Client(store)
         protocol = TimeProtocol(
@@ -744,8 +746,9 @@ class SealBudgetTests(unittest.TestCase):
         protocol.seal_clock_ns = lambda: next(ticks)
         sender = RecordingSender()
         requests = [header()] + [client.request() for _ in range(8)]
+        size = len(requests) if full else 64
         protocol.batch_received(
-            ListReceiver(requests),  # type: ignore[arg-type]
+            ListReceiver(requests, size),  # type: ignore[arg-type]
             sender,  # type: ignore[arg-type]
             len(requests),
         )
@@ -765,6 +768,10 @@ class SealBudgetTests(unittest.TestCase):
 
     def test_slow_sealing_sends_each_alone(self) -> None:
         self.assertEqual(self.batch(SEAL_BUDGET_NS), [[i] for i in range(9)])
+
+    def test_a_batch_that_is_not_full_sends_each_alone(self) -> None:
+        # No backlog: every sealed reply leaves right after its own sealing.
+        self.assertEqual(self.batch(0, full=False), [[i] for i in range(9)])
 
 
 class ClientSideTests(unittest.TestCase):

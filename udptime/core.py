@@ -19,9 +19,9 @@ send that carries it, after the batch's other replies went out. It is for
 replies that must carry a time read as late as possible but cannot take the
 late stamp because a signature covers it (NTS): the responder does all the
 work it can before, the sealer reads the clock and signs, so only the
-signing lies between the stamp and the send. Under load the shell lets a
-few sealed replies share a send, within a time budget
-(``udptime.protocol.SEAL_BUDGET_NS``). It tells a sealer from bytes by type
+signing lies between the stamp and the send. Only when a batch is full (a
+backlog) does the shell let sealed replies share a send, within a time
+budget (``udptime.protocol.SEAL_BUDGET_NS``). It tells a sealer from bytes by type
 alone and never looks inside either. In a batch, sealers are listed among
 the complete replies.
 """

@@ -5,8 +5,8 @@ one (``datagramReceived``, one ``sendto`` per reply) and the Linux batch port
 (``batch_received``, one ``sendmmsg`` per batch, late stamp written by the
 sender at the slot the responder declares). Neither reads protocol bytes.
 A reply that is a sealer (``udptime.core.Sealer``) is called right before
-its send, after the batch's other replies went out; sealed replies share a
-send only while sealing them takes under :data:`SEAL_BUDGET_NS`.
+its send, after the batch's other replies went out; only in a full batch
+do sealed replies share a send, within :data:`SEAL_BUDGET_NS`.
 Logging happens after the send: responder errors (throttled) and, with
 ``--verbose``, one line per datagram.
 """
@@ -31,13 +31,13 @@ from udptime.mmsg.send import Sender
 from udptime.policy import PolicyError, pack_host
 
 #: How long the shell may spend sealing replies (``udptime.core.Sealer``)
-#: before it sends those sealed so far: the most a sealed reply's stamp ages
-#: waiting for the others of its send (plus the one sealing that crossed
-#: it). Sealing is ~3-5 us a reply, so idle and at half load (a batch holds
-#: one or two NTS requests) a stamp ages by a sealing or two; a full batch
-#: of 64 goes out in one send, which measured 15-25% more NTS replies per
-#: CPU-second than sending each right after its sealing (bench/run.py on
-#: loopback); only an overload of large replies is cut into several sends.
+#: of a full batch before it sends those sealed so far. A batch that is not
+#: full (idle, or loaded below capacity) sends each sealed reply right
+#: after its sealing, so its stamp ages by nothing but its own signing. A
+#: full batch means a backlog: then sealed replies share sends, each stamp
+#: ageing by the sealing of those after it (~3-5 us each) up to this
+#: budget, which measured 15-25% more NTS replies per CPU-second than a
+#: send each (bench/run.py on loopback; mostly fewer wake-ups of clients).
 SEAL_BUDGET_NS = 500_000
 
 
@@ -132,7 +132,8 @@ class TimeProtocol(DatagramProtocol):
                     if reply is not None:
                         latency.observe((sent - moment) / 1e9)
         if sealers:
-            self._send_sealed(sealers, sender, addrs, ports)
+            budget = SEAL_BUDGET_NS if n >= receiver.batch else 0
+            self._send_sealed(sealers, sender, addrs, ports, budget)
             latency = self.latency
             if latency is not None:
                 sent = self.clock_ns()
@@ -146,10 +147,19 @@ class TimeProtocol(DatagramProtocol):
         sender: Sender,
         addrs: Sequence[bytes],
         ports: Sequence[int],
+        budget: int,
     ) -> None:
         """Seal replies and send them together until sealing them took
-        :data:`SEAL_BUDGET_NS`: no stamp waits longer than that (and one
-        sealing) for its send, and a busy batch needs few sends."""
+        *budget* ns: no stamp waits longer than that (and one sealing) for
+        its send. With no budget, each goes right after its sealing."""
+        if not budget:
+            for i, sealer in sealers.items():
+                sealed = self._sealed(sealer, addrs[i], ports[i])
+                if sealed is not None:
+                    dropped = sender.send_one(i, sealed)
+                    self.counters.answered += 1 - dropped
+                    self.counters.send_errors += dropped
+            return
         clock = self.seal_clock_ns
         size = max(sealers) + 1
         out: list[bytes | None] = [None] * size
@@ -163,7 +173,7 @@ class TimeProtocol(DatagramProtocol):
                 continue
             out[i] = sealed
             pending.append(i)
-            if clock() - started >= SEAL_BUDGET_NS:
+            if clock() - started >= budget:
                 self._send_pending(sender, out, pending)
                 out = [None] * size
                 pending = []

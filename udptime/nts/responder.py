@@ -174,7 +174,9 @@ class NtsResponder:
         self._pool = b""
         self._pool_at = 0
         self._ciphers: OrderedDict[bytes, tuple[AESSIV, AESSIV]] = OrderedDict()
-        self._fits: dict[tuple[int, int, int, int], int] = {}
+        self._fits: dict[
+            tuple[int, int, int, int], tuple[int, bytes, bytes, bytes]
+        ] = {}
         self._key_set: KeySet | None = None
         self._opens: Mapping[bytes, MasterKey] = {}
         self._sealer: MasterKey | None = None
@@ -314,9 +316,10 @@ class NtsResponder:
         # 4 bytes: their fields need no padding.
         cookie_field = 4 + COOKIE_OVERHEAD + len(plain)
         fit = (auth_end, uid_end - uid, cookie_field, wanted)
-        count = self._fits.get(fit)
-        if count is None:
-            count = self._fit(*fit)
+        layout_out = self._fits.get(fit)
+        if layout_out is None:
+            layout_out = self._fit(*fit)
+        count, cookie_head, auth_head, padding = layout_out
         need = (count + 1) * _NONCE
         at = self._pool_at
         if at + need > len(self._pool):
@@ -326,7 +329,6 @@ class NtsResponder:
         pool = self._pool
         nonce = pool[at : at + _NONCE]
         seal = self._sealer.seal_plaintext  # type: ignore[union-attr]
-        cookie_head = _EF_HEADER.pack(NTS_COOKIE, cookie_field)
         if count == 1:
             plaintext = cookie_head + seal(plain, pool[at + _NONCE : at + need])
         else:
@@ -336,10 +338,6 @@ class NtsResponder:
                     for j in range(at + _NONCE, at + need, _NONCE)
                 ]
             )
-        ciphertext = SIV_TAG_LENGTH + len(plaintext)
-        auth_length = auth_end - PACKET_SIZE - len(unique_id)
-        auth_head = _AUTH_HEAD.pack(AUTHENTICATOR, auth_length, _NONCE, ciphertext)
-        padding = bytes(auth_length - 8 - _NONCE - ciphertext)
         if kiss is not None:
             head = kiss_reply(request, kiss)
             if head is None:
@@ -418,13 +416,25 @@ class NtsResponder:
             cache.popitem(last=False)
         return ciphers
 
-    def _fit(self, size: int, uid_field: int, cookie_field: int, wanted: int) -> int:
-        """How many new cookies a reply of at most *size* bytes holds (cached)."""
+    def _fit(
+        self, size: int, uid_field: int, cookie_field: int, wanted: int
+    ) -> tuple[int, bytes, bytes, bytes]:
+        """How many new cookies a reply of *size* bytes holds, and the bytes
+        that follow from it: cookie EF header, Authenticator EF header (with
+        the nonce and ciphertext lengths), padding to *size* (cached)."""
         fixed = PACKET_SIZE + uid_field + 8 + _NONCE + SIV_TAG_LENGTH
         count = min(wanted, MAX_COOKIES)
         while count > 0 and fixed + count * cookie_field > size:
             count -= 1
+        ciphertext = SIV_TAG_LENGTH + count * cookie_field
+        auth_length = size - PACKET_SIZE - uid_field
+        out = (
+            count,
+            _EF_HEADER.pack(NTS_COOKIE, cookie_field),
+            _AUTH_HEAD.pack(AUTHENTICATOR, auth_length, _NONCE, ciphertext),
+            bytes(auth_length - 8 - _NONCE - ciphertext),
+        )
         if len(self._fits) >= 256:
             self._fits.clear()
-        self._fits[size, uid_field, cookie_field, wanted] = count
-        return count
+        self._fits[size, uid_field, cookie_field, wanted] = out
+        return out
