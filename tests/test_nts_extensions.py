@@ -21,11 +21,11 @@ from udptime.core import AnsweringCore, Reply
 from udptime.mmsg.libc import available as mmsg_available
 from udptime.mmsg.receive import Receiver
 from udptime.mmsg.send import Sender
-from udptime.ntp import ServerState, ns_from_ntp, ntp_from_ns
+from udptime.ntp import ServerState, fixed_from_ns, ns_from_ntp, ntp_from_ns
 from udptime.nts import extensions as ext
 from udptime.nts.cookies import CookieKeys, MasterKey
 from udptime.nts.keyset import KeyHolder
-from udptime.nts.responder import NtsResponder
+from udptime.nts.responder import MAX_LEAD_NS, NtsResponder
 from udptime.nts.testing import memory_keys
 from udptime.protocol import SEAL_BUDGET_NS, TimeProtocol
 from udptime.registry import Context, get_format
@@ -300,6 +300,33 @@ class ResponderTests(unittest.TestCase):
         assert isinstance(nak, bytes)
         self.assertEqual(nak[12:16], b"NTSN")
         self.assertIsNone(replies[3])
+
+    def test_stamp_moved_ahead_by_what_signing_took(self) -> None:
+        # Each read of the performance clock 8 us after the last: every
+        # sealing takes 8 us; a quarter of the difference is taken each time.
+        ticks = itertools.count(0, 8_000)
+        responder = NtsResponder(self.ntp, self.store, perf_ns=lambda: next(ticks))
+        stamps = []
+        for _ in range(3):
+            reply = sealed(responder.answer(self.client.request(), NOW_NS))
+            assert reply is not None
+            ext.open_response(reply, self.client.s2c, self.client.unique_id)
+            stamps.append(int.from_bytes(reply[40:48], "big"))
+        now = fixed_from_ns(self.clock_ns())
+        ahead = [round((stamp - now) * 1e9 / 2**32) for stamp in stamps]
+        self.assertEqual(ahead, [0, 2_000, 3_500])
+
+    def test_stamp_never_moved_far_ahead(self) -> None:
+        ticks = itertools.count(0, 10**9)  # every sealing "took" a second
+        responder = NtsResponder(self.ntp, self.store, perf_ns=lambda: next(ticks))
+        replies = [
+            sealed(responder.answer(self.client.request(), NOW_NS)) for _ in range(40)
+        ]
+        last = replies[-1]
+        assert last is not None
+        ahead = int.from_bytes(last[40:48], "big") - fixed_from_ns(self.clock_ns())
+        self.assertLessEqual(ahead * 1e9 / 2**32, MAX_LEAD_NS)
+        self.assertGreater(ahead * 1e9 / 2**32, MAX_LEAD_NS * 0.99)
 
     def test_refusals_to_nts_requests_are_authenticated_kisses(self) -> None:
         for code in (b"RATE", b"DENY"):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -77,6 +78,10 @@ _EF_HEADER = struct.Struct("!HH")
 #: Authenticator EF header, nonce and ciphertext lengths.
 _AUTH_HEAD = struct.Struct("!HHHH")
 _KEY_ID = struct.Struct("!I")
+_MASK64 = (1 << 64) - 1
+#: The most a sealed reply's stamp is moved ahead for its signing: one slow
+#: sealing (a garbage collection, a cold cache) must not push stamps far.
+MAX_LEAD_NS = 20_000
 _LENGTHS = struct.Struct("!HH").unpack_from
 #: Reply bytes 0-39: head, origin (the request's transmit), receive stamp.
 _PREFIX = struct.Struct("!24s8sQ").pack
@@ -104,23 +109,6 @@ class CookieJar(Protocol):
     def key_set(self) -> KeySet: ...
 
 
-def _seal_reply(
-    prefix: bytes,
-    stamp: Callable[[], bytes],
-    unique_id: bytes,
-    s2c: AESSIV,
-    plaintext: bytes,
-    nonce: bytes,
-    auth_head: bytes,
-    padding: bytes,
-) -> bytes:
-    """The NTS reply, stamped now: all that has to follow the clock read."""
-    associated = prefix + stamp() + unique_id
-    return (
-        associated + auth_head + s2c.encrypt(plaintext, [associated, nonce]) + padding
-    )
-
-
 def _echo_reply(prefix: bytes, stamp: Callable[[], bytes], unique_id: bytes) -> bytes:
     """A plain reply echoing a Unique Identifier, stamped now."""
     return prefix + stamp() + unique_id
@@ -146,8 +134,11 @@ class NtsResponder:
         "_fits",
         "_key_set",
         "_keys",
+        "_lead",
+        "_lead_ns",
         "_ntp",
         "_opens",
+        "_perf_ns",
         "_pool",
         "_pool_at",
         "_random",
@@ -166,8 +157,13 @@ class NtsResponder:
         keys: CookieJar,
         *,
         random: Callable[[int], bytes] = os.urandom,
+        perf_ns: Callable[[], int] = time.perf_counter_ns,
     ) -> None:
         self._ntp = ntp
+        self._perf_ns = perf_ns
+        #: how far ahead of the clock read a sealed reply's stamp is put
+        self._lead_ns = 0
+        self._lead = 0  # the same in NTP fixed point (2**-32 s)
         self._stamp = ntp.stamp
         self._keys = keys
         self._random = random
@@ -358,9 +354,8 @@ class NtsResponder:
         self.counters.authenticated += 1
         self.counters.cookies += count
         return partial(
-            _seal_reply,
+            self._seal,
             _PREFIX(head, request[40:48], fixed_from_ns(received_ns)),
-            self._stamp,
             unique_id,
             s2c,
             plaintext,
@@ -368,6 +363,38 @@ class NtsResponder:
             auth_head + nonce,
             padding,
         )
+
+    def _seal(
+        self,
+        prefix: bytes,
+        unique_id: bytes,
+        s2c: AESSIV,
+        plaintext: bytes,
+        nonce: bytes,
+        auth_head: bytes,
+        padding: bytes,
+    ) -> bytes:
+        """The NTS reply, stamped now: all that has to follow the clock read.
+
+        The stamp is moved ahead by what signing recently took (measured
+        here, averaged, capped), as ntpd's ``authdelay`` once did for its
+        MACs: the reply leaves that much after the clock read, which a plain
+        reply, stamped by the shell, does not.
+        """
+        started = self._perf_ns()
+        stamp = (int.from_bytes(self._stamp(), "big") + self._lead) & _MASK64
+        associated = prefix + stamp.to_bytes(8, "big") + unique_id
+        reply = (
+            associated
+            + auth_head
+            + s2c.encrypt(plaintext, [associated, nonce])
+            + padding
+        )
+        took = min(max(self._perf_ns() - started, 0), MAX_LEAD_NS)
+        lead = self._lead_ns + (took - self._lead_ns) // 4
+        self._lead_ns = lead
+        self._lead = (lead << 32) // 1_000_000_000
+        return reply
 
     def _echo(
         self, request: bytes, received_ns: int, unique_id: bytes, kiss: bytes | None
