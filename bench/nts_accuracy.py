@@ -10,8 +10,8 @@ the reference, and plain udptime NTP for comparison), idle and while loaded
 at half its measured maximum by the benchmark's load (NTS servers: the
 ``bench/nts_load.py`` requests through ``loadgen``):
 
-* ``chronyd -Q`` over NTS, *runs* times (each run an NTS-KE session and a
-  burst of authenticated polls, ending in one offset);
+* ``chronyd -Q`` (over NTS for NTS servers), *runs* times (each run an
+  NTS-KE session and a burst of authenticated polls, ending in one offset);
 * NTPsec's ``ntpd`` over NTS (NTS servers only: without NTS it asks port
   123 only) for a while, its ``peerstats`` offsets (one per poll), when an
   NTPsec ntpd is found (``build/ntpsec/`` as unpacked by
