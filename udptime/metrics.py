@@ -10,7 +10,7 @@ import this module load neither.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,10 +54,13 @@ class UdptimeCollector:
         listeners: Callable[[], list[ListenerStats]],
         gauges: Callable[[], dict[str, tuple[str, float]]],
         counters: Callable[[], dict[str, tuple[str, float]]] = dict,
+        families: Callable[[], Iterable[Any]] = tuple,
     ) -> None:
         self._listeners = listeners
         self._gauges = gauges
         self._counters = counters
+        #: whole metric families a format adds (Roughtime's, with labels)
+        self._families = families
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import (
@@ -87,6 +90,7 @@ class UdptimeCollector:
         for name, (help_text, value) in self._counters().items():
             # Exposed as udptime_NAME_total.
             yield CounterMetricFamily(f"udptime_{name}", help_text, value=value)
+        yield from self._families()
 
     def describe(self) -> list[Any]:
         # Collected on demand only: registering must not call collect().

@@ -68,6 +68,7 @@ from udptime.policy import (
 )
 from udptime.protocol import TimeProtocol, ns_clock
 from udptime.registry import Context, Format, format_names, get_format
+from udptime.roughtime import options as roughtime
 from udptime.signals import SignalService
 from udptime.summary import SummaryService
 from udptime.workers import WorkerSupervisor
@@ -178,7 +179,8 @@ class Options(usage.Options):
             (
                 "NTP: serve an unsynchronised local clock anyway, at this stratum "
                 "(1-15) with refid LOCL, like chrony's 'local stratum'. Without it an "
-                "unsynchronised kernel clock is advertised as LI=3, stratum 16."
+                "unsynchronised kernel clock is advertised as LI=3, stratum 16. "
+                "Roughtime too serves an unsynchronised clock only with it."
             ),
             coerce("--local-stratum", parse_stratum),
         ],
@@ -289,6 +291,7 @@ class Options(usage.Options):
             coerce("--refid", refid_from_text),
         ],
         *NTS_OPT_PARAMETERS,
+        *roughtime.ROUGHTIME_OPT_PARAMETERS,
     ]
 
     #: the parsed command line, set by ``postOptions``
@@ -364,6 +367,7 @@ class Options(usage.Options):
             ),
             nts=nts_config(self, listeners),
             metrics=None if metrics is None else MetricsConfig(*metrics),
+            roughtime=roughtime.roughtime_config(self, listeners),
             workers=self["workers"],
             receive_buffer=self["receive-buffer"],
             batch=not self["no-batch"],
@@ -524,6 +528,7 @@ def build_service(
     )
     for service_ in nts:
         service_.setServiceParent(top)
+    roughtime_keys, roughtime_settings = roughtime.roughtime_services(config, reactor)
     context = Context(
         wall_clock_ns=ns_clock(reactor),
         clock_state=ClockStateCache(
@@ -534,6 +539,7 @@ def build_service(
             refid=config.ntp.refid,
         ),
         nts_cookies=nts_cookies,
+        roughtime=roughtime_settings,
     )
     for spec, sock in zip(config.listeners, sockets, strict=True):
         listener = listener_for(
@@ -580,8 +586,14 @@ def build_service(
         top.signals.reloaders["access lists"] = acl.reload
     top.signals.setName("signals")  # type: ignore[no-untyped-call]
     top.signals.setServiceParent(top)  # type: ignore[no-untyped-call]
+    roughtime.attach(top, roughtime_keys, config.summary_interval, reactor)
     if metrics is not None:
-        collector = UdptimeCollector(top.stats, _gauges(policy), _counters(nts))
+        collector = UdptimeCollector(
+            top.stats,
+            _gauges(policy),
+            _counters(nts),
+            roughtime.metric_families(top.listeners, roughtime_keys),
+        )
         site = metrics_site(collector, reactor, _health(top, config.workers))
         server = MetricsService(metrics.host, metrics.port, site, reactor)
         server.setName("metrics")  # type: ignore[no-untyped-call]

@@ -18,6 +18,10 @@ What a reply claims (sections 5.2.5 and 9.7):
 - A reply is never longer than its request.
 
 Roughtime has no error replies: refused requests get nothing.
+
+The delegation is read from a :class:`DelegationHolder` at every batch, so
+the key service (``udptime.roughtime.service``) can swap in a renewed or
+reloaded one without the datagram path noticing.
 """
 
 from __future__ import annotations
@@ -39,6 +43,19 @@ NS_PER_SECOND = 1_000_000_000
 #: Leaves per tree: a PATH of 10 hashes keeps a reply at 736 bytes, well
 #: under any request we answer. Larger batches are split.
 MAX_TREE_LEAVES = 1024
+
+
+class DelegationHolder:
+    """The delegation to sign with now: one attribute, replaced whole.
+
+    Delegations are immutable, so a reader sees either the old one or the
+    new one, never a mixture.
+    """
+
+    __slots__ = ("delegation",)
+
+    def __init__(self, delegation: Delegation) -> None:
+        self.delegation = delegation
 
 
 @dataclass
@@ -71,7 +88,7 @@ class RoughtimeResponder:
 
     def __init__(
         self,
-        delegation: Delegation,
+        delegation: Delegation | DelegationHolder,
         clock_state: Callable[[], ClockState],
         *,
         now_ns: Callable[[], int] = time.time_ns,
@@ -85,13 +102,20 @@ class RoughtimeResponder:
             raise ValueError("the local radius must be at least 1 second")
         if min_request_size < wire.response_size(0):
             raise ValueError("requests that small could not hold a reply")
-        self.delegation = delegation
+        if isinstance(delegation, Delegation):
+            delegation = DelegationHolder(delegation)
+        self.keys = delegation
         self._clock_state = clock_state
         self._now_ns = now_ns
         self.min_radius = min_radius
         self.local_radius = local_radius
         self.min_request_size = min_request_size
         self.counters = RoughtimeCounters()
+
+    @property
+    def delegation(self) -> Delegation:
+        """The delegation in force now."""
+        return self.keys.delegation
 
     def answer(self, request: bytes, received_ns: int) -> bytes | None:
         """A batch of one."""
@@ -108,15 +132,20 @@ class RoughtimeResponder:
         valid = [(i, r) for i, r in enumerate(parsed) if r is not None]
         if not valid:
             return replies, everyone
+        delegation = self.keys.delegation
         latest = max(received_ns[i] for i, _ in valid)
         now = max(self._now_ns(), latest)
-        claim = self._claim(now, len(valid))
+        claim = self._claim(now, len(valid), delegation)
         if claim is None:
             return replies, everyone
         midpoint, radius = claim
         for start in range(0, len(valid), MAX_TREE_LEAVES):
             self._sign_tree(
-                valid[start : start + MAX_TREE_LEAVES], midpoint, radius, replies
+                valid[start : start + MAX_TREE_LEAVES],
+                midpoint,
+                radius,
+                delegation,
+                replies,
             )
         return replies, everyone
 
@@ -156,12 +185,14 @@ class RoughtimeResponder:
         if wire.VERSION_1 not in request.versions:
             counters.unsupported_version += 1
             return None
-        if request.srv is not None and request.srv != self.delegation.srv:
+        if request.srv is not None and request.srv != self.keys.delegation.srv:
             counters.wrong_server += 1
             return None
         return request
 
-    def _claim(self, now_ns: int, count: int) -> tuple[int, int] | None:
+    def _claim(
+        self, now_ns: int, count: int, delegation: Delegation
+    ) -> tuple[int, int] | None:
         """(MIDP, RADI) for a batch signed at *now_ns*, or ``None`` (counted
         against the *count* requests left unanswered)."""
         counters = self.counters
@@ -171,10 +202,10 @@ class RoughtimeResponder:
         if radius is None:
             counters.unsynchronised += count
             return None
-        if midpoint > self.delegation.maxt:
+        if midpoint > delegation.maxt:
             counters.expired += count
             return None
-        if midpoint < self.delegation.mint:
+        if midpoint < delegation.mint:
             counters.not_yet_valid += count
             return None
         return midpoint, radius
@@ -184,10 +215,10 @@ class RoughtimeResponder:
         leaves: Sequence[tuple[int, wire.Request]],
         midpoint: int,
         radius: int,
+        delegation: Delegation,
         replies: list[bytes | None],
     ) -> None:
         counters = self.counters
-        delegation = self.delegation
         tree = MerkleTree([request.packet for _, request in leaves])
         srep = wire.encode_srep(
             version=wire.VERSION_1,
@@ -214,3 +245,23 @@ class RoughtimeResponder:
                 continue
             replies[i] = reply
             counters.answered += 1
+
+
+@dataclass(frozen=True)
+class RoughtimeSettings:
+    """What the ``roughtime`` format's factory gets from the wiring
+    (``udptime.registry.Context.roughtime``).
+
+    *keys* is swapped by the key service; *clock_state* reads the kernel
+    (``udptime.clockstate``); *local_radius* is set exactly when the operator
+    serves an unsynchronised clock (``--local-stratum``).
+    """
+
+    keys: DelegationHolder
+    clock_state: Callable[[], ClockState]
+    local_radius: int | None = None
+
+    def make_responder(self) -> RoughtimeResponder:
+        return RoughtimeResponder(
+            self.keys, self.clock_state, local_radius=self.local_radius
+        )
