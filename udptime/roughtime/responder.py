@@ -19,6 +19,13 @@ What a reply claims (sections 5.2.5 and 9.7):
 
 Roughtime has no error replies: refused requests get nothing.
 
+Speed: requests from one client program share their header (tag count,
+offsets, tags, length) and differ in values only, so the positions of VER,
+NONC, TYPE and SRV are computed once per header, after a full parse, and
+kept in a small table; later requests with that header are checked by
+slicing (TYPE, VER and SRV values still checked every time). Replies of one
+tree differ in NONC, PATH and INDX only: the rest is built once per tree.
+
 The delegation is read from a :class:`DelegationHolder` at every batch, so
 the key service (``udptime.roughtime.service``) can swap in a renewed or
 reloaded one without the datagram path noticing.
@@ -26,9 +33,11 @@ reloaded one without the datagram path noticing.
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from udptime.roughtime import wire
 from udptime.roughtime.keys import Delegation
@@ -43,6 +52,54 @@ NS_PER_SECOND = 1_000_000_000
 #: Leaves per tree: a PATH of 10 hashes keeps a reply at 736 bytes, well
 #: under any request we answer. Larger batches are split.
 MAX_TREE_LEAVES = 1024
+#: Request headers (and VER values) remembered; the table is emptied when
+#: full, so odd requests cost a full parse and nothing more.
+LAYOUT_CACHE_SIZE = 64
+#: Tag counts beyond this always take the full parse.
+_MAX_FAST_TAGS = 16
+_TYPE_REQUEST = wire.u32(wire.TYPE_REQUEST)
+_TYPE_RESPONSE = wire.u32(wire.TYPE_RESPONSE)
+_U32 = struct.Struct("<I")
+
+
+class _Layout(NamedTuple):
+    """Where a request's values lie, for one header and packet size."""
+
+    size: int
+    ver: tuple[int, int]
+    nonce: tuple[int, int]
+    kind: tuple[int, int]
+    srv: tuple[int, int] | None
+
+
+def _layout(packet: bytes) -> _Layout | None:
+    """The value positions of a packet that :func:`wire.parse_request`
+    accepted (so its header is well formed), or ``None`` if unusual."""
+    count = _U32.unpack_from(packet, wire.FRAME_SIZE)[0]
+    fields = struct.unpack_from(f"<{2 * count - 1}I", packet, wire.FRAME_SIZE + 4)
+    offsets = (0, *fields[: count - 1])
+    tags = fields[count - 1 :]
+    start = wire.FRAME_SIZE + 8 * count
+    ends = (*offsets[1:], len(packet) - start)
+    where = {tag: (start + offsets[i], start + ends[i]) for i, tag in enumerate(tags)}
+    try:
+        return _Layout(
+            len(packet), where[wire.VER], where[wire.NONC], where[wire.TYPE],
+            where.get(wire.SRV),
+        )  # fmt: skip
+    except KeyError:
+        return None
+
+
+def _versions_ok(value: bytes) -> bool | None:
+    """Whether a VER value offers version 1 (``None``: not a VER value)."""
+    try:
+        versions = wire.read_u32_list(value, "VER")
+    except wire.WireError:
+        return None
+    if not 1 <= len(versions) <= wire.MAX_VERSIONS:
+        return None
+    return wire.VERSION_1 in versions
 
 
 class DelegationHolder:
@@ -111,6 +168,9 @@ class RoughtimeResponder:
         self.local_radius = local_radius
         self.min_request_size = min_request_size
         self.counters = RoughtimeCounters()
+        self._layouts: dict[bytes, _Layout] = {}
+        self._versions: dict[bytes, bool | None] = {}
+        self._templates: dict[tuple[bytes, int], tuple[bytes, bytes]] = {}
 
     @property
     def delegation(self) -> Delegation:
@@ -128,8 +188,10 @@ class RoughtimeResponder:
         indices of complete replies, which for Roughtime is all of them."""
         replies: list[bytes | None] = [None] * len(requests)
         everyone = range(len(requests))
-        parsed = [self._parse(datagram) for datagram in requests]
-        valid = [(i, r) for i, r in enumerate(parsed) if r is not None]
+        parse = self._parse
+        valid = [
+            (i, r) for i, datagram in enumerate(requests) if (r := parse(datagram))
+        ]
         if not valid:
             return replies, everyone
         delegation = self.keys.delegation
@@ -172,7 +234,61 @@ class RoughtimeResponder:
         radius = max(self.min_radius, -(-(error_us + rounding_us) // 1_000_000))
         return min(radius, 0xFFFFFFFF)
 
-    def _parse(self, datagram: bytes) -> wire.Request | None:
+    def _parse(self, datagram: bytes) -> tuple[bytes, bytes] | None:
+        """(packet, nonce) of an answerable request; the rest is counted."""
+        size = len(datagram)
+        if size < self.min_request_size:
+            self.counters.too_small += 1
+            return None
+        if datagram[:8] == wire.MAGIC:
+            count = int.from_bytes(datagram[12:16], "little")
+            if count <= _MAX_FAST_TAGS:
+                layout = self._layouts.get(datagram[: wire.FRAME_SIZE + 8 * count])
+                if layout is not None and layout.size == size:
+                    return self._check(datagram, layout)
+        request = self._parse_fully(datagram)
+        if request is None:
+            return None
+        layout = _layout(datagram)
+        if layout is not None:
+            if len(self._layouts) >= LAYOUT_CACHE_SIZE:
+                self._layouts.clear()
+            count = int.from_bytes(datagram[12:16], "little")
+            self._layouts[datagram[: wire.FRAME_SIZE + 8 * count]] = layout
+        return request.packet, request.nonce
+
+    def _check(self, datagram: bytes, layout: _Layout) -> tuple[bytes, bytes] | None:
+        """The value checks of :func:`wire.parse_request` for a known header."""
+        counters = self.counters
+        a, b = layout.kind
+        if datagram[a:b] != _TYPE_REQUEST:
+            counters.malformed += 1
+            return None
+        a, b = layout.ver
+        ver = datagram[a:b]
+        versions = self._versions
+        try:
+            offered = versions[ver]
+        except KeyError:
+            offered = _versions_ok(ver)
+            if len(versions) >= LAYOUT_CACHE_SIZE:
+                versions.clear()
+            versions[ver] = offered
+        if offered is None:
+            counters.malformed += 1
+            return None
+        if not offered:
+            counters.unsupported_version += 1
+            return None
+        if layout.srv is not None:
+            a, b = layout.srv
+            if datagram[a:b] != self.keys.delegation.srv:
+                counters.wrong_server += 1
+                return None
+        a, b = layout.nonce
+        return datagram, datagram[a:b]
+
+    def _parse_fully(self, datagram: bytes) -> wire.Request | None:
         counters = self.counters
         try:
             request = wire.parse_request(datagram, min_size=self.min_request_size)
@@ -212,14 +328,14 @@ class RoughtimeResponder:
 
     def _sign_tree(
         self,
-        leaves: Sequence[tuple[int, wire.Request]],
+        leaves: Sequence[tuple[int, tuple[bytes, bytes]]],
         midpoint: int,
         radius: int,
         delegation: Delegation,
         replies: list[bytes | None],
     ) -> None:
         counters = self.counters
-        tree = MerkleTree([request.packet for _, request in leaves])
+        tree = MerkleTree([packet for _, (packet, _) in leaves])
         srep = wire.encode_srep(
             version=wire.VERSION_1,
             radius=radius,
@@ -231,20 +347,43 @@ class RoughtimeResponder:
         counters.signatures += 1
         counters.batch_count += 1
         counters.batch_leaves += len(leaves)
-        for leaf, (i, request) in enumerate(leaves):
-            reply = wire.encode_response(
-                signature=signature,
-                nonce=request.nonce,
-                path=tree.path(leaf),
-                srep=srep,
-                cert=delegation.cert,
-                index=leaf,
-            )
-            if len(reply) > len(request.packet):
+        head, tail = self._template(delegation.cert, len(srep), tree.height)
+        head += signature
+        tail = srep + tail
+        u32 = _U32.pack
+        answered = 0
+        for leaf, (path, (i, (packet, nonce))) in enumerate(
+            zip(tree.paths(), leaves, strict=True)
+        ):
+            reply = b"".join((head, nonce, _TYPE_RESPONSE, path, tail, u32(leaf)))
+            if len(reply) > len(packet):
                 counters.oversized += 1
                 continue
             replies[i] = reply
-            counters.answered += 1
+            answered += 1
+        counters.answered += answered
+
+    def _template(
+        self, cert: bytes, srep_size: int, height: int
+    ) -> tuple[bytes, bytes]:
+        """The frame and message header of a reply with that CERT, SREP size
+        and PATH length, and what follows SREP (CERT): the constant parts."""
+        key = (cert, srep_size * 64 + height)
+        found = self._templates.get(key)
+        if found is None:
+            sample = wire.encode_response(
+                signature=bytes(wire.SIGNATURE_SIZE),
+                nonce=bytes(wire.NONCE_SIZE),
+                path=bytes(wire.HASH_SIZE * height),
+                srep=bytes(srep_size),
+                cert=cert,
+                index=0,
+            )
+            header = wire.FRAME_SIZE + 8 * 7
+            if len(self._templates) >= LAYOUT_CACHE_SIZE:
+                self._templates.clear()
+            found = self._templates[key] = (sample[:header], cert)
+        return found
 
 
 @dataclass(frozen=True)
