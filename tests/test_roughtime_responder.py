@@ -11,6 +11,7 @@ from twisted.trial import unittest
 
 from udptime.roughtime import keys, verify, wire
 from udptime.roughtime.responder import (
+    BATCH_BUCKETS,
     MAX_TREE_LEAVES,
     ClockState,
     RoughtimeResponder,
@@ -282,6 +283,14 @@ class DelegationWindowTests(unittest.TestCase):
 class FastPathTests(unittest.TestCase):
     """Requests whose header the responder has seen are checked by slicing;
     every outcome must be what a full parse gives."""
+
+    def test_batch_size_histogram(self) -> None:
+        r = responder()
+        r.answer_batch([request(n) for n in range(3)], [NOW * NS] * 3)
+        r.answer(request(9), NOW * NS)
+        self.assertEqual(r.batch_sizes[BATCH_BUCKETS.index(1)], 1)
+        self.assertEqual(r.batch_sizes[BATCH_BUCKETS.index(4)], 1)
+        self.assertEqual(sum(r.batch_sizes), 2)
 
     def test_header_cached_once(self) -> None:
         r = responder()

@@ -449,6 +449,8 @@ class WiredTests(unittest.TestCase):
         self.assertEqual(value("udptime_roughtime_signatures_total"), 2)
         self.assertEqual(value("udptime_roughtime_batch_size_count"), 2)
         self.assertEqual(value("udptime_roughtime_batch_size_sum"), 2)
+        self.assertEqual(value("udptime_roughtime_batch_size_bucket", le="1"), 2)
+        self.assertEqual(value("udptime_roughtime_batch_size_bucket", le="+Inf"), 2)
         self.assertEqual(
             value("udptime_roughtime_delegation_expiry_timestamp_seconds"), new.maxt
         )
@@ -468,7 +470,8 @@ class WiredTests(unittest.TestCase):
         request = verify.make_request(public_key=self.public)
         reply = yield self.ask(port, request)
         verify.verify_response(request, reply, self.public)
-        [(_, counters)] = rt_options.responders(top.listeners)
+        [(_, responder)] = rt_options.responders(top.listeners)
+        counters = responder.counters
         self.assertEqual(counters.too_small, 1)
         self.assertEqual(counters.answered, 1)
         [listener] = top.listeners

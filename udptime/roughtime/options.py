@@ -37,6 +37,7 @@ from udptime.config import (
 from udptime.listenspec import ListenSpec
 from udptime.roughtime import keys
 from udptime.roughtime.responder import (
+    BATCH_BUCKETS,
     ClockState,
     RoughtimeCounters,
     RoughtimeResponder,
@@ -180,13 +181,13 @@ def roughtime_services(
     return [keys_], settings
 
 
-def responders(listeners: Sequence[Any]) -> list[tuple[Any, RoughtimeCounters]]:
-    """(stats, counters) of every listener that answers Roughtime."""
+def responders(listeners: Sequence[Any]) -> list[tuple[Any, RoughtimeResponder]]:
+    """(stats, responder) of every listener that answers Roughtime."""
     found = []
     for listener in listeners:
         responder = listener.protocol.core.responder
         if isinstance(responder, RoughtimeResponder):
-            found.append((listener.stats, responder.counters))
+            found.append((listener.stats, responder))
     return found
 
 
@@ -206,8 +207,8 @@ def attach(
 
         def named() -> list[tuple[str, RoughtimeCounters]]:
             return [
-                (f"{stats.address} port {stats.port}", counters)
-                for stats, counters in responders(top.listeners)
+                (f"{stats.address} port {stats.port}", responder.counters)
+                for stats, responder in responders(top.listeners)
             ]
 
         summary = SummaryService(summary_interval, named, clock)
@@ -236,7 +237,7 @@ def metric_families(
         from prometheus_client.core import (
             CounterMetricFamily,
             GaugeMetricFamily,
-            SummaryMetricFamily,
+            HistogramMetricFamily,
         )
 
         from udptime.metrics import LABELS
@@ -249,7 +250,7 @@ def metric_families(
             "Roughtime SREP signatures made (one per batch of up to 1024 replies).",
             labels=LABELS,
         )
-        batches = SummaryMetricFamily(
+        batches = HistogramMetricFamily(
             "udptime_roughtime_batch_size",
             "Roughtime requests answered under one signature (one Merkle tree).",
             labels=LABELS,
@@ -259,10 +260,17 @@ def metric_families(
             "Roughtime requests left unanswered, by reason.",
             labels=[*LABELS, "reason"],
         )
-        for stats, counters in found:
+        for stats, responder in found:
             labels = stats.labels()
+            counters = responder.counters
             signatures.add_metric(labels, counters.signatures)
-            batches.add_metric(labels, counters.batch_count, counters.batch_leaves)
+            cumulative, running = [], 0
+            for bound, count in zip(
+                (*BATCH_BUCKETS, "+Inf"), responder.batch_sizes, strict=True
+            ):
+                running += count
+                cumulative.append((str(bound), float(running)))
+            batches.add_metric(labels, cumulative, float(counters.batch_leaves))
             for reason in UNANSWERED:
                 unanswered.add_metric([*labels, reason], getattr(counters, reason))
         yield signatures

@@ -33,6 +33,7 @@ reloaded one without the datagram path noticing.
 
 from __future__ import annotations
 
+import bisect
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -60,6 +61,8 @@ _MAX_FAST_TAGS = 16
 _TYPE_REQUEST = wire.u32(wire.TYPE_REQUEST)
 _TYPE_RESPONSE = wire.u32(wire.TYPE_RESPONSE)
 _U32 = struct.Struct("<I")
+#: Upper bounds of the batch-size histogram (requests under one signature).
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class _Layout(NamedTuple):
@@ -168,6 +171,8 @@ class RoughtimeResponder:
         self.local_radius = local_radius
         self.min_request_size = min_request_size
         self.counters = RoughtimeCounters()
+        #: trees signed, by size: counts per :data:`BATCH_BUCKETS` bound, +Inf last
+        self.batch_sizes = [0] * (len(BATCH_BUCKETS) + 1)
         self._layouts: dict[bytes, _Layout] = {}
         self._versions: dict[bytes, bool | None] = {}
         self._templates: dict[tuple[bytes, int], tuple[bytes, bytes]] = {}
@@ -347,6 +352,7 @@ class RoughtimeResponder:
         counters.signatures += 1
         counters.batch_count += 1
         counters.batch_leaves += len(leaves)
+        self.batch_sizes[bisect.bisect_left(BATCH_BUCKETS, len(leaves))] += 1
         head, tail = self._template(delegation.cert, len(srep), tree.height)
         head += signature
         tail = srep + tail
