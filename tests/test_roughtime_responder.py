@@ -364,3 +364,69 @@ class FastPathTests(unittest.TestCase):
             changed,
             {k: v for k, v in dataclasses.asdict(cold.counters).items() if v},
         )
+
+    @settings(max_examples=200)
+    @given(
+        with_srv=st.booleans(),
+        edits=st.lists(
+            st.tuples(
+                st.integers(0, 3),
+                st.sampled_from(["header", "ver", "srv", "nonce", "type", "any"]),
+                st.integers(0, 1023),
+                st.integers(0, 255),
+            ),
+            max_size=3,
+        ),
+        grow=st.tuples(st.integers(0, 3), st.sampled_from([0, 0, 4, 8])),
+    )
+    def test_batch_same_outcome_as_one_by_one(
+        self,
+        with_srv: bool,
+        edits: list[tuple[int, str, int, int]],
+        grow: tuple[int, int],
+    ) -> None:
+        """A batch whose requests share a known header is checked a column
+        at a time; each request must fare as it would alone."""
+        warm = responder()
+        self.assertIsNotNone(warm.answer(request(1, public_key=ROOT_PUBLIC), NOW * NS))
+        self.assertIsNotNone(warm.answer(request(2), NOW * NS))
+        srv = ROOT_PUBLIC if with_srv else None
+        batch = [bytearray(request(10 + k, public_key=srv)) for k in range(4)]
+        layout = _layout(bytes(batch[0]))
+        assert layout is not None
+        spans = {
+            "header": (0, layout.ver[0]),
+            "ver": layout.ver,
+            "srv": layout.srv or layout.nonce,
+            "nonce": layout.nonce,
+            "type": layout.kind,
+            "any": (0, len(batch[0])),
+        }
+        for which, field, offset, value in edits:
+            start, end = spans[field]
+            batch[which][start + offset % (end - start)] = value
+        batch[grow[0]].extend(bytes(grow[1]))  # the frame's length now lies
+        queries = [bytes(q) for q in batch]
+        before = dataclasses.asdict(warm.counters)
+        replies, _ = warm.answer_batch(queries, [NOW * NS] * 4)
+        alone = [responder() for _ in queries]
+        singles = [r.answer(q, NOW * NS) for r, q in zip(alone, queries, strict=True)]
+        self.assertEqual(
+            [reply is None for reply in replies], [s is None for s in singles]
+        )
+        for query, reply in zip(queries, replies, strict=True):
+            if reply is not None:
+                verify.verify_response(query, reply, ROOT_PUBLIC)
+        after = dataclasses.asdict(warm.counters)
+        for reason in (
+            "answered",
+            "too_small",
+            "malformed",
+            "unsupported_version",
+            "wrong_server",
+        ):
+            self.assertEqual(
+                after[reason] - before[reason],
+                sum(getattr(r.counters, reason) for r in alone),
+                reason,
+            )

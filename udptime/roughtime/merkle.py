@@ -14,7 +14,7 @@ without the client noticing).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from udptime.roughtime.wire import HASH_SIZE, MAX_PATH_HASHES, digest
 
@@ -76,20 +76,19 @@ class MerkleTree:
             index >>= 1
         return b"".join(siblings)
 
-    def paths(self) -> Iterator[bytes]:
-        """:meth:`path` of every leaf in order, computed together."""
-        below = self._levels[:-1]
-        if not below:
-            yield from (b"" for _ in range(self.size))
-            return
-        # sibling pairs swapped, level by level: pair[i] is i's sibling
-        swapped = [
-            [h for k in range(0, len(level), 2) for h in (level[k + 1], level[k])]
-            for level in below
-        ]
-        join = b"".join
-        for index in range(self.size):
-            yield join([level[index >> depth] for depth, level in enumerate(swapped)])
+    def paths(self) -> list[bytes]:
+        """:meth:`path` of every leaf in order, computed level by level."""
+        size = self.size
+        columns = []
+        for depth, level in enumerate(self._levels[:-1]):
+            siblings = [level[k ^ 1] for k in range(len(level))]
+            repeat = 1 << depth  # leaf i's node at this depth is i >> depth
+            if repeat > 1:
+                siblings = [node for node in siblings for _ in range(repeat)]
+            columns.append(siblings[:size])
+        if not columns:
+            return [b""] * size
+        return list(map(b"".join, zip(*columns, strict=True)))
 
 
 def root_from_path(leaf: bytes, index: int, path: Sequence[bytes]) -> bytes | None:

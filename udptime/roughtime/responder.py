@@ -38,6 +38,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import NamedTuple
 
 from udptime.roughtime import wire
@@ -61,6 +62,8 @@ _MAX_FAST_TAGS = 16
 _TYPE_REQUEST = wire.u32(wire.TYPE_REQUEST)
 _TYPE_RESPONSE = wire.u32(wire.TYPE_RESPONSE)
 _U32 = struct.Struct("<I")
+#: INDX values, 0 .. MAX_TREE_LEAVES - 1, made once.
+_INDICES = [_U32.pack(i) for i in range(MAX_TREE_LEAVES)]
 #: Upper bounds of the batch-size histogram (requests under one signature).
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -193,25 +196,31 @@ class RoughtimeResponder:
         indices of complete replies, which for Roughtime is all of them."""
         replies: list[bytes | None] = [None] * len(requests)
         everyone = range(len(requests))
-        parse = self._parse
-        valid = [
-            (i, r) for i, datagram in enumerate(requests) if (r := parse(datagram))
-        ]
-        if not valid:
-            return replies, everyone
+        valid = self._uniform(requests)
+        if valid is None:
+            parse = self._parse
+            checked = [(i, r) for i, d in enumerate(requests) if (r := parse(d))]
+            if not checked:
+                return replies, everyone
+            indices: Sequence[int] = [i for i, _ in checked]
+            nonces: Sequence[bytes] = [nonce for _, (_, nonce) in checked]
+            packets: Sequence[bytes] = [requests[i] for i in indices]
+        else:
+            indices, packets, nonces = everyone, requests, valid
         delegation = self.keys.delegation
-        latest = max(received_ns[i] for i, _ in valid)
+        latest = max(received_ns[i] for i in indices)
         now = max(self._now_ns(), latest)
-        claim = self._claim(now, len(valid), delegation)
+        claim = self._claim(now, len(indices), delegation)
         if claim is None:
             return replies, everyone
         midpoint, radius = claim
-        for start in range(0, len(valid), MAX_TREE_LEAVES):
+        for start in range(0, len(indices), MAX_TREE_LEAVES):
+            end = start + MAX_TREE_LEAVES
             self._sign_tree(
-                valid[start : start + MAX_TREE_LEAVES],
-                midpoint,
-                radius,
-                delegation,
+                indices[start:end],
+                packets[start:end],
+                nonces[start:end],
+                (midpoint, radius, delegation),
                 replies,
             )
         return replies, everyone
@@ -239,6 +248,38 @@ class RoughtimeResponder:
         radius = max(self.min_radius, -(-(error_us + rounding_us) // 1_000_000))
         return min(radius, 0xFFFFFFFF)
 
+    def _uniform(self, requests: Sequence[bytes]) -> list[bytes] | None:
+        """The nonces, when every request has the first one's known header
+        and passes the value checks: the common case under load, checked a
+        column at a time. ``None``: look at each request on its own."""
+        if len(requests) < 2:
+            return None
+        first = requests[0]
+        if first[:8] != wire.MAGIC or len(first) < self.min_request_size:
+            return None
+        count = int.from_bytes(first[12:16], "little")
+        if count > _MAX_FAST_TAGS:
+            return None
+        end = wire.FRAME_SIZE + 8 * count
+        layout = self._layouts.get(first[:end])
+        if layout is None or {len(d) for d in requests} != {layout.size}:
+            return None
+        if {d[:end] for d in requests} != {first[:end]}:
+            return None
+        a, b = layout.kind
+        if {d[a:b] for d in requests} != {_TYPE_REQUEST}:
+            return None
+        a, b = layout.ver
+        versions = self._versions
+        if not all(versions.get(v) is True for v in {d[a:b] for d in requests}):
+            return None
+        if layout.srv is not None:
+            a, b = layout.srv
+            if {d[a:b] for d in requests} != {self.keys.delegation.srv}:
+                return None
+        a, b = layout.nonce
+        return [d[a:b] for d in requests]
+
     def _parse(self, datagram: bytes) -> tuple[bytes, bytes] | None:
         """(packet, nonce) of an answerable request; the rest is counted."""
         size = len(datagram)
@@ -260,6 +301,10 @@ class RoughtimeResponder:
                 self._layouts.clear()
             count = int.from_bytes(datagram[12:16], "little")
             self._layouts[datagram[: wire.FRAME_SIZE + 8 * count]] = layout
+            # the full parse found this VER value offering version 1
+            if len(self._versions) >= LAYOUT_CACHE_SIZE:
+                self._versions.clear()
+            self._versions[datagram[layout.ver[0] : layout.ver[1]]] = True
         return request.packet, request.nonce
 
     def _check(self, datagram: bytes, layout: _Layout) -> tuple[bytes, bytes] | None:
@@ -333,14 +378,18 @@ class RoughtimeResponder:
 
     def _sign_tree(
         self,
-        leaves: Sequence[tuple[int, tuple[bytes, bytes]]],
-        midpoint: int,
-        radius: int,
-        delegation: Delegation,
+        indices: Sequence[int],
+        packets: Sequence[bytes],
+        nonces: Sequence[bytes],
+        claim: tuple[int, int, Delegation],
         replies: list[bytes | None],
     ) -> None:
+        """One tree over *packets*, one signature, a reply for each (placed
+        at its index in *replies*) unless it would outgrow its request."""
+        midpoint, radius, delegation = claim
         counters = self.counters
-        tree = MerkleTree([packet for _, (packet, _) in leaves])
+        n = len(packets)
+        tree = MerkleTree(packets)
         srep = wire.encode_srep(
             version=wire.VERSION_1,
             radius=radius,
@@ -351,23 +400,37 @@ class RoughtimeResponder:
         signature = delegation.sign(srep)
         counters.signatures += 1
         counters.batch_count += 1
-        counters.batch_leaves += len(leaves)
-        self.batch_sizes[bisect.bisect_left(BATCH_BUCKETS, len(leaves))] += 1
+        counters.batch_leaves += n
+        self.batch_sizes[bisect.bisect_left(BATCH_BUCKETS, n)] += 1
         head, tail = self._template(delegation.cert, len(srep), tree.height)
-        head += signature
-        tail = srep + tail
-        u32 = _U32.pack
-        answered = 0
-        for leaf, (path, (i, (packet, nonce))) in enumerate(
-            zip(tree.paths(), leaves, strict=True)
-        ):
-            reply = b"".join((head, nonce, _TYPE_RESPONSE, path, tail, u32(leaf)))
-            if len(reply) > len(packet):
+        built = list(
+            map(
+                b"".join,
+                zip(
+                    repeat(head + signature, n),
+                    nonces,
+                    repeat(_TYPE_RESPONSE, n),
+                    tree.paths(),
+                    repeat(srep + tail, n),
+                    _INDICES[:n],
+                ),
+            )
+        )
+        size = len(built[0])  # all replies of a tree are the same size
+        if size <= min(map(len, packets)):
+            counters.answered += n
+            if n == len(replies):
+                replies[:] = built
+            else:
+                for i, reply in zip(indices, built, strict=True):
+                    replies[i] = reply
+            return
+        for i, packet, reply in zip(indices, packets, built, strict=True):
+            if size > len(packet):
                 counters.oversized += 1
-                continue
-            replies[i] = reply
-            answered += 1
-        counters.answered += answered
+            else:
+                replies[i] = reply
+                counters.answered += 1
 
     def _template(
         self, cert: bytes, srep_size: int, height: int
