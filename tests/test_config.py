@@ -1,4 +1,4 @@
-"""The typed configuration: frozen, its parsers, its JSON for workers, --describe."""
+"""The typed configuration: frozen, its parsers, its JSON for workers; describe."""
 
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ from udptime.config import (
     NtsConfig,
     PolicyConfig,
     coerce,
-    describe,
     parse_count,
     parse_ports,
     parse_positive,
     parse_seconds,
     parse_stratum,
 )
+from udptime.describe import describe
 from udptime.listenspec import ListenSpec
 from udptime.policy import RateLimit
 from udptime.worker import read_config
@@ -204,7 +204,7 @@ class DescribeTests(unittest.TestCase):
 
     def test_command(self) -> None:
         done = subprocess.run(
-            [sys.executable, "-m", "udptime.config", "--describe"],
+            [sys.executable, "-m", "udptime.describe"],
             capture_output=True,
             check=True,
             timeout=60,

@@ -7,14 +7,10 @@ parsing a command line again. The parsers here are the one check of each kind
 of value: each option's coerce function in ``udptime.tap`` and
 ``udptime.nts.options`` is one of them wrapped by :func:`coerce`, which names
 the option in the error. The records themselves do not check again.
-
-``python -m udptime.config --describe`` prints, as JSON, the options and
-formats this udptime accepts, for tools that must not scrape ``--help``.
 """
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import math
@@ -24,7 +20,6 @@ from typing import Any, TypeVar
 
 from twisted.python import usage
 
-from udptime import __version__
 from udptime.clockstate import DEFAULT_REFID, DEFAULT_STRATUM
 from udptime.listener import DEFAULT_RECEIVE_BUFFER
 from udptime.listenspec import ListenSpec
@@ -290,51 +285,3 @@ def _plain(value: object) -> Any:
 
 def _rate_limit(data: dict[str, Any] | None) -> RateLimit | None:
     return None if data is None else RateLimit(data["rate"], data["burst"])
-
-
-# --------------------------------------------------------------------------
-# What this udptime accepts, for tools.
-
-
-def describe() -> dict[str, Any]:
-    """The options (``--name`` -> what it takes) and formats this udptime serves."""
-    from udptime.registry import format_names
-    from udptime.tap import Options
-
-    options = Options()
-    short = {long: key for key, long in options.synonyms.items() if len(key) == 1}
-    described: dict[str, Any] = {}
-    for entry in options.longOpt:
-        name = entry.rstrip("=")
-        value = entry.endswith("=")
-        default = options.defaults.get(name) if value else None
-        described[f"--{name}"] = {
-            "short": f"-{short[name]}" if name in short else None,
-            "value": value,
-            "default": None if default is None else str(default),
-            "help": options.docs.get(name, ""),
-        }
-    return {
-        "version": __version__,
-        "formats": format_names(),
-        "options": described,
-    }
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m udptime.config",
-        description="What this udptime accepts, as JSON.",
-    )
-    parser.add_argument(
-        "--describe",
-        action="store_true",
-        required=True,
-        help="print the options and formats this udptime accepts as JSON",
-    )
-    parser.parse_args(argv)
-    print(json.dumps(describe(), indent=2, sort_keys=True))
-
-
-if __name__ == "__main__":
-    main()
