@@ -169,15 +169,25 @@ class NtpConfig:
 
 @dataclass(frozen=True, slots=True)
 class NtsConfig:
-    """NTS (RFC 8915), present exactly when ``--nts-ke`` is given."""
+    """NTS (RFC 8915), present when ``--nts-ke`` or ``--nts`` is given.
 
-    ke_host: str
-    ke_port: int
-    tls_cert: str
-    tls_key: str
+    Without ``ke_port`` this host serves no NTS-KE (no TLS): it answers NTS
+    on its ntp listeners with cookies NTS-KE hosts sealed under the same
+    keys (``keys_file``) or the same fleet secret (``key_secret``).
+    """
+
+    ke_host: str | None = None
+    ke_port: int | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     keys_file: str = DEFAULT_KEYS_FILE
-    #: NTP server name sent by NTS-KE; ``None``: clients use the KE host
-    server_name: str | None = None
+    #: derive the keys from this secret file instead of the keys file
+    key_secret: str | None = None
+    #: a second secret whose keys open cookies but never seal (rollover)
+    key_secret_accept: str | None = None
+    #: NTP servers NTS-KE hands out, (name, port or None), one per session;
+    #: none: clients use the KE host
+    servers: tuple[tuple[str, int | None], ...] = ()
     rotate: float = DEFAULT_ROTATE
     ke_rate_limit: RateLimit | None = DEFAULT_KE_RATE_LIMIT
     ke_connections: int = DEFAULT_MAX_CONNECTIONS
@@ -253,7 +263,9 @@ class Config:
                 tls_cert=nts["tls_cert"],
                 tls_key=nts["tls_key"],
                 keys_file=nts["keys_file"],
-                server_name=nts["server_name"],
+                key_secret=nts["key_secret"],
+                key_secret_accept=nts["key_secret_accept"],
+                servers=tuple((name, port) for name, port in nts["servers"]),
                 rotate=nts["rotate"],
                 ke_rate_limit=_rate_limit(nts["ke_rate_limit"]),
                 ke_connections=nts["ke_connections"],
