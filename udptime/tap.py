@@ -153,10 +153,10 @@ class Options(usage.Options):
         [
             "interface",
             "i",
-            "",
+            None,
             (
-                "Address to bind: default all IPv4; '::' serves IPv6 (and IPv4 "
-                "where the OS maps it)."
+                "Address to bind (default: all IPv4 addresses); '::' serves "
+                "IPv6 (and IPv4 where the OS maps it)."
             ),
             coerce("--interface", parse_host),
         ],
@@ -341,7 +341,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         listeners = tuple(self["listen"]) or (
-            ListenSpec(self["format"], self["interface"], self["port"]),
+            ListenSpec(self["format"], self["interface"] or "", self["port"]),
         )
         if self["workers"] > 1 and any(s.host == SYSTEMD for s in listeners):
             raise usage.UsageError(
