@@ -61,7 +61,7 @@ from udptime.nts.options import (
     nts_services,
     parse_ntp_server,
 )
-from udptime.nts.responder import NtsCounters, NtsResponder
+from udptime.nts.responder import NtsResponder
 from udptime.policy import (
     DEFAULT_LOOP_PORTS,
     DEFAULT_RATE_LIMIT,
@@ -449,26 +449,27 @@ def _nts_counters(
     listeners: list[TimeListener], ke: list[Any]
 ) -> dict[str, tuple[str, float]]:
     """This process's NTS counts, 0 without NTS (not its workers')."""
-    totals = NtsCounters()
-    for listener in listeners:
-        responder = listener.protocol.core.responder
-        if isinstance(responder, NtsResponder):
-            for name in ("authenticated", "naks", "cookies"):
-                value = getattr(totals, name) + getattr(responder.counters, name)
-                setattr(totals, name, value)
+    nts = [
+        responder.counters
+        for responder in (listener.protocol.core.responder for listener in listeners)
+        if isinstance(responder, NtsResponder)
+    ]
     return {
         "nts_authenticated": (
             "NTS requests answered with an authenticated reply.",
-            float(totals.authenticated),
+            float(sum(c.authenticated for c in nts)),
         ),
         "nts_naks": (
             (
                 "NTS NAKs sent: the cookie did not open (another host's keys or "
                 "secret, or expired) or the request failed authentication."
             ),
-            float(totals.naks),
+            float(sum(c.naks for c in nts)),
         ),
-        "nts_cookies": ("NTS cookies sent in NTP replies.", float(totals.cookies)),
+        "nts_cookies": (
+            "NTS cookies sent in NTP replies.",
+            float(sum(c.cookies for c in nts)),
+        ),
         "nts_ke_sessions": (
             "NTS-KE sessions that handed out cookies.",
             float(sum(factory.counters.sessions for factory in ke)),
