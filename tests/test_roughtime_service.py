@@ -429,7 +429,7 @@ class WiredTests(unittest.TestCase):
             top.stats,
             dict,
             dict,
-            rt_options.metric_families(
+            families=rt_options.metric_families(
                 top.listeners, [top.getServiceNamed("roughtime-keys")]
             ),
         )

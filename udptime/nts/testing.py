@@ -11,6 +11,7 @@ import os
 import select
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +34,13 @@ class KeError(Exception):
 
 
 def make_certificate(
-    directory: Path, *, cert_name: str = "cert.pem", key_name: str = "key.pem"
+    directory: Path,
+    *,
+    cert_name: str = "cert.pem",
+    key_name: str = "key.pem",
+    addresses: Sequence[str] = ("127.0.0.1",),
 ) -> tuple[Path, Path]:
-    """A self-signed P-256 certificate for localhost and 127.0.0.1, and its
+    """A self-signed P-256 certificate for localhost and *addresses*, and its
     key, written to *directory* as *cert_name* and *key_name*."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
@@ -52,7 +57,7 @@ def make_certificate(
             x509.SubjectAlternativeName(
                 [
                     x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    *(x509.IPAddress(ipaddress.ip_address(a)) for a in addresses),
                 ]
             ),
             critical=False,
