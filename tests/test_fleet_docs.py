@@ -18,6 +18,7 @@ from tests.support import REPO
 from tests.test_metrics_dashboard import metric_names, planned_names
 from tests.test_metrics_site import http_get, serve_built, statuses
 from udptime.nts.testing import make_certificate
+from udptime.roughtime import keys
 from udptime.tap import Options
 
 RULES = REPO / "deploy" / "prometheus" / "udptime-rules.yml"
@@ -70,10 +71,16 @@ class RulesTests(unittest.TestCase):
         directory = Path(tempfile.mkdtemp(prefix="udptime-fleet-docs-"))
         self.addCleanup(shutil.rmtree, directory, True)
         cert, key = make_certificate(directory)
+        root = directory / "roughtime-root.pem"
+        keys.write_root_key(root, keys.generate_key())
         _, port = await serve_built(
             self,
             "--listen",
             "ntp@127.0.0.1:0",
+            "--listen",
+            "roughtime@127.0.0.1:0",
+            "--roughtime-key",
+            str(root),
             "--nts-ke",
             "127.0.0.1:0",
             "--tls-cert",
