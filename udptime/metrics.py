@@ -45,6 +45,9 @@ class ListenerStats:
 
 LABELS = ["format", "address", "port", "worker"]
 
+#: A counter's value, or its values by one label: (label name, {value: count}).
+CounterValue = float | tuple[str, dict[str, float]]
+
 
 class UdptimeCollector:
     """A ``prometheus_client`` collector over our plain counters."""
@@ -53,7 +56,7 @@ class UdptimeCollector:
         self,
         listeners: Callable[[], list[ListenerStats]],
         gauges: Callable[[], dict[str, tuple[str, float]]],
-        counters: Callable[[], dict[str, tuple[str, float]]] = dict,
+        counters: Callable[[], dict[str, tuple[str, CounterValue]]] = dict,
     ) -> None:
         self._listeners = listeners
         self._gauges = gauges
@@ -84,9 +87,18 @@ class UdptimeCollector:
         yield latency
         for name, (help_text, value) in self._gauges().items():
             yield GaugeMetricFamily(f"udptime_{name}", help_text, value=value)
-        for name, (help_text, value) in self._counters().items():
+        for name, (help_text, counted) in self._counters().items():
             # Exposed as udptime_NAME_total.
-            yield CounterMetricFamily(f"udptime_{name}", help_text, value=value)
+            if isinstance(counted, tuple):
+                label, by_label = counted
+                family = CounterMetricFamily(
+                    f"udptime_{name}", help_text, labels=[label]
+                )
+                for label_value, count in by_label.items():
+                    family.add_metric([label_value], count)
+                yield family
+            else:
+                yield CounterMetricFamily(f"udptime_{name}", help_text, value=counted)
 
     def describe(self) -> list[Any]:
         # Collected on demand only: registering must not call collect().

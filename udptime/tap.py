@@ -48,14 +48,22 @@ from udptime.listenspec import (
     parse_listen,
     parse_port,
 )
-from udptime.metrics import ListenerStats, UdptimeCollector, parse_metrics_address
+from udptime.metrics import (
+    CounterValue,
+    ListenerStats,
+    UdptimeCollector,
+    parse_metrics_address,
+)
 from udptime.metrics_site import Health, MetricsService, host_port, metrics_site
 from udptime.ntp import refid_from_text
+from udptime.nts.certificate import CertificateService
 from udptime.nts.keyfile import KeyFileService
 from udptime.nts.options import (
     NTS_OPT_PARAMETERS,
     KeService,
     nts_config,
+    nts_counters,
+    nts_gauges,
     nts_services,
 )
 from udptime.policy import (
@@ -372,7 +380,9 @@ class Options(usage.Options):
         )
 
 
-def _gauges(policy: Policy | None) -> Callable[[], dict[str, tuple[str, float]]]:
+def _gauges(
+    policy: Policy | None, nts: Sequence[Any] = ()
+) -> Callable[[], dict[str, tuple[str, float]]]:
     def gauges() -> dict[str, tuple[str, float]]:
         kernel = read_kernel_clock()
         values = {
@@ -390,6 +400,7 @@ def _gauges(policy: Policy | None) -> Callable[[], dict[str, tuple[str, float]]]
                 "Sources in the rate limiter's table.",
                 float(len(policy)),
             )
+        values.update(nts_gauges(nts))
         return values
 
     return gauges
@@ -415,17 +426,20 @@ def _health(top: UdptimeService, workers: int) -> Health:
     return health
 
 
-def _counters(services: list[Any]) -> Callable[[], dict[str, tuple[str, float]]]:
+def _counters(
+    services: list[Any],
+) -> Callable[[], dict[str, tuple[str, CounterValue]]]:
     keys = [s for s in services if isinstance(s, KeyFileService)]
 
-    def counters() -> dict[str, tuple[str, float]]:
+    def counters() -> dict[str, tuple[str, CounterValue]]:
         if not keys:
             return {}
         return {
             "nts_key_save_failures": (
                 "NTS keys file saves that failed (cookies stay under the saved key).",
                 float(keys[0].save_failures),
-            )
+            ),
+            **nts_counters(services),
         }
 
     return counters
@@ -578,10 +592,13 @@ def build_service(
         )
         acl.apply(*acl.lists())
         top.signals.reloaders["access lists"] = acl.reload
+    for service_ in nts:
+        if isinstance(service_, CertificateService):
+            top.signals.reloaders["NTS certificate"] = service_.reload
     top.signals.setName("signals")  # type: ignore[no-untyped-call]
     top.signals.setServiceParent(top)  # type: ignore[no-untyped-call]
     if metrics is not None:
-        collector = UdptimeCollector(top.stats, _gauges(policy), _counters(nts))
+        collector = UdptimeCollector(top.stats, _gauges(policy, nts), _counters(nts))
         site = metrics_site(collector, reactor, _health(top, config.workers))
         server = MetricsService(metrics.host, metrics.port, site, reactor)
         server.setName("metrics")  # type: ignore[no-untyped-call]
@@ -592,6 +609,7 @@ def build_service(
             config.summary_interval,
             lambda: [listener.stats for listener in top.listeners],
             reactor,
+            also=[s.factory.summarise for s in nts if isinstance(s, KeService)],
         )
         summary.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top

@@ -28,7 +28,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from OpenSSL import SSL
 from twisted.application import internet
 from twisted.application.service import IService
 from twisted.internet.error import CannotListenError
@@ -45,20 +44,30 @@ from udptime.config import (
     parse_seconds,
 )
 from udptime.listenspec import ListenSpec, ListenSpecError, parse_host, parse_port
+from udptime.nts.certificate import (
+    CertificateError,
+    CertificatePair,
+    CertificateService,
+    load_pair,
+)
 from udptime.nts.cookies import DEFAULT_ROTATE, KeyFileError, decode_keys_file
 from udptime.nts.ke import (
+    DEFAULT_FIRST_BYTE_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_KE_PORT,
     DEFAULT_KE_RATE_LIMIT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_TIMEOUT,
+    FAILURE_REASONS,
     KeFactory,
     KeSettings,
     KeTlsFactory,
     TlsServerCreator,
-    tls_context,
+    context_for,
 )
 from udptime.nts.keyfile import KeyFileService
 from udptime.nts.responder import CookieJar
+from udptime.nts.slots import DEFAULT_PER_ADDRESS
 from udptime.policy import Policy, parse_rate_limit
 
 
@@ -108,14 +117,14 @@ NTS_OPT_PARAMETERS: list[list[Any]] = [
         "tls-cert",
         None,
         None,
-        "NTS-KE: TLS certificate chain, PEM (leaf first).",
+        "NTS-KE: TLS certificate chain, PEM (leaf first); re-read on SIGHUP.",
         coerce("--tls-cert", parse_file_name),
     ],
     [
         "tls-key",
         None,
         None,
-        "NTS-KE: TLS private key, PEM.",
+        "NTS-KE: TLS private key, PEM, unencrypted; re-read on SIGHUP.",
         coerce("--tls-key", parse_file_name),
     ],
     [
@@ -160,7 +169,10 @@ NTS_OPT_PARAMETERS: list[list[Any]] = [
         "nts-ke-connections",
         None,
         DEFAULT_MAX_CONNECTIONS,
-        "NTS-KE: most sessions at once; more are refused.",
+        (
+            "NTS-KE: most connections at once; when full, the oldest one still "
+            "in its TLS handshake is closed for a newcomer."
+        ),
         coerce("--nts-ke-connections", parse_positive),
     ],
     [
@@ -169,6 +181,30 @@ NTS_OPT_PARAMETERS: list[list[Any]] = [
         DEFAULT_TIMEOUT,
         "NTS-KE: seconds a session may take, TLS handshake included.",
         coerce("--nts-ke-timeout", parse_seconds),
+    ],
+    [
+        "nts-ke-first-byte-timeout",
+        None,
+        DEFAULT_FIRST_BYTE_TIMEOUT,
+        "NTS-KE: seconds from connecting to the client's first TLS byte.",
+        coerce("--nts-ke-first-byte-timeout", parse_seconds),
+    ],
+    [
+        "nts-ke-handshake-timeout",
+        None,
+        DEFAULT_HANDSHAKE_TIMEOUT,
+        "NTS-KE: seconds from connecting to the end of the TLS handshake.",
+        coerce("--nts-ke-handshake-timeout", parse_seconds),
+    ],
+    [
+        "nts-ke-per-source",
+        None,
+        DEFAULT_PER_ADDRESS,
+        (
+            "NTS-KE: most connections at once from one address (from one IPv6 "
+            "/64: four times as many)."
+        ),
+        coerce("--nts-ke-per-source", parse_positive),
     ],
 ]
 
@@ -197,11 +233,9 @@ def nts_config(
     if not any(spec.format == "ntp" for spec in listeners):
         raise usage.UsageError("--nts-ke needs an ntp listener (--listen ntp@...)")
     try:
-        tls_context(cert, key)
-    except (SSL.Error, OSError) as exc:
-        raise usage.UsageError(
-            f"--tls-cert {cert!r} / --tls-key {key!r}: cannot use them ({exc})"
-        ) from None
+        context_for(load_pair(cert, key))
+    except CertificateError as exc:
+        raise usage.UsageError(str(exc)) from None
     path = options["nts-keys"]
     try:
         with open(path, "rb") as f:
@@ -228,6 +262,9 @@ def nts_config(
         ke_rate_limit=options["nts-ke-rate-limit"],
         ke_connections=options["nts-ke-connections"],
         ke_timeout=options["nts-ke-timeout"],
+        ke_first_byte_timeout=options["nts-ke-first-byte-timeout"],
+        ke_handshake_timeout=options["nts-ke-handshake-timeout"],
+        ke_per_source=options["nts-ke-per-source"],
     )
 
 
@@ -279,7 +316,9 @@ def nts_services(
 
     Add every returned service to the server's ``MultiService``: the keys
     file's owner (:class:`KeyFileService`) and, with *serve_ke*, the
-    NTS-KE listener (:class:`KeService`, bound in ``privilegedStartService``).
+    NTS-KE listener (:class:`KeService`, bound in ``privilegedStartService``)
+    and the certificate it serves (:class:`CertificateService`, whose
+    ``reload`` is the SIGHUP reloader).
     The TLS certificate and key are read here, while still privileged.
     *ntp_port* is the NTP listener's port, sent to clients when not 123.
     Worker processes pass ``serve_ke=False``: the main process serves NTS-KE
@@ -293,16 +332,26 @@ def nts_services(
     services: list[IService] = [keys]
     if serve_ke:
         try:
-            context = tls_context(nts.tls_cert, nts.tls_key)
-        except (SSL.Error, OSError) as exc:
-            sys.stderr.write(f"udptime: NTS-KE TLS certificate or key: {exc}\n")
+            pair = load_pair(nts.tls_cert, nts.tls_key)
+            creator = TlsServerCreator(context_for(pair))
+        except CertificateError as exc:
+            sys.stderr.write(f"udptime: {exc}\n")
             sys.stderr.flush()
             raise SystemExit(1) from None
+
+        def install(new: CertificatePair) -> None:
+            creator.context = context_for(new)
+
+        certificate = CertificateService(pair, install, reactor)
+        certificate.setName("nts-certificate")  # type: ignore[no-untyped-call]
+        services.append(certificate)
         ke = KeFactory(
             keys.holder,
             reactor,
             KeSettings(ntp_port=ntp_port, ntp_server=nts.server_name),
             timeout=nts.ke_timeout,
+            first_byte_timeout=nts.ke_first_byte_timeout,
+            handshake_timeout=nts.ke_handshake_timeout,
             verbose=config.verbose,
         )
         policy = Policy(
@@ -312,12 +361,60 @@ def nts_services(
             loop_ports=(),
         )
         tls = KeTlsFactory(
-            TlsServerCreator(context),
+            creator,
             ke,
             policy=policy,
             max_connections=nts.ke_connections,
+            per_address=nts.ke_per_source,
+            per_network=4 * nts.ke_per_source,
         )
         ke_service = KeService(nts.ke_host, nts.ke_port, tls, reactor)
         ke_service.setName("nts-ke")  # type: ignore[no-untyped-call]
         services.append(ke_service)
     return services, keys.holder
+
+
+#: A metric's help and value, or help and per-label values (label name, values).
+Metric = tuple[str, float]
+LabelledMetric = tuple[str, tuple[str, dict[str, float]]]
+
+
+def nts_gauges(services: Sequence[IService]) -> dict[str, Metric]:
+    """Gauges of the NTS services (``udptime_`` is prefixed by the collector)."""
+    values: dict[str, Metric] = {}
+    for svc in services:
+        if isinstance(svc, CertificateService):
+            values["nts_certificate_expiry_timestamp_seconds"] = (
+                "When the NTS-KE certificate being served expires (Unix time).",
+                svc.expiry,
+            )
+        elif isinstance(svc, KeService):
+            values["nts_ke_connections"] = (
+                "NTS-KE connections open now.",
+                float(svc.factory.active),
+            )
+    return values
+
+
+def nts_counters(services: Sequence[IService]) -> dict[str, Metric | LabelledMetric]:
+    """Counters of the NTS-KE server (exposed as ``udptime_NAME_total``)."""
+    for svc in services:
+        if isinstance(svc, KeService):
+            counters = svc.factory.ke.counters
+            return {
+                "nts_ke_completed": (
+                    "NTS-KE key exchanges completed (cookies sent).",
+                    float(counters.completed),
+                ),
+                "nts_ke_failed": (
+                    (
+                        "NTS-KE connections that got no cookies, by reason: tls, "
+                        "alpn, records, internal, timeout, rate, denied, cap."
+                    ),
+                    (
+                        "reason",
+                        {r: float(counters.failed[r]) for r in FAILURE_REASONS},
+                    ),
+                ),
+            }
+    return {}
