@@ -344,7 +344,6 @@ def nts_services(
 
         certificate = CertificateService(pair, install, reactor)
         certificate.setName("nts-certificate")  # type: ignore[no-untyped-call]
-        services.append(certificate)
         ke = KeFactory(
             keys.holder,
             reactor,
@@ -370,7 +369,7 @@ def nts_services(
         )
         ke_service = KeService(nts.ke_host, nts.ke_port, tls, reactor)
         ke_service.setName("nts-ke")  # type: ignore[no-untyped-call]
-        services.append(ke_service)
+        services += [ke_service, certificate]
     return services, keys.holder
 
 
