@@ -264,14 +264,19 @@ class DeadlineTests(unittest.TestCase):
         _, transport = self.connect()
         self.expires_at(transport, 1.0)
 
-    def test_answer_cancels_the_timer(self) -> None:
-        protocol, _ = self.connect()
+    def test_answered_but_never_read(self) -> None:
+        """The response is out but the client does not read it: the session
+        deadline still frees the slot, and the exchange still counts as done."""
+        protocol, transport = self.connect()
         protocol.first_byte_received()
         protocol.handshakeCompleted()
         protocol.dataReceived(default_request())
+        self.assertEqual(self.factory.counters.completed, 1)
+        self.clock.advance(10.0)
+        self.assertTrue(transport.aborted)
+        protocol.connectionLost(connectionDone)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.factory.counters.completed, 1)
-        protocol.connectionLost(connectionDone)
         self.assertEqual(sum(self.factory.counters.failed.values()), 0)
 
     def test_client_leaves_mid_handshake(self) -> None:
@@ -350,6 +355,17 @@ class AdmissionTests(unittest.TestCase):
         self.assertTrue(talking[1].disconnecting)
         self.assertFalse(third[1].disconnecting)
         self.assertEqual(self.ke.counters.evicted, 2)
+
+    def test_a_failed_connection_frees_its_slot_at_once(self) -> None:
+        factory = KeTlsFactory(self.creator, self.ke, max_connections=1)
+        made = self.connect(factory)
+        assert made is not None
+        self.clock.advance(2.0)  # no first byte
+        self.assertTrue(made[1].disconnecting)
+        self.assertEqual(factory.active, 0)
+        self.assertIsNotNone(self.connect(factory, "192.0.2.2"))
+        self.assertEqual(self.ke.counters.evicted, 0)
+        self.assertEqual(self.ke.counters.failed["timeout"], 1)
 
     def test_sessions_are_never_evicted(self) -> None:
         factory = KeTlsFactory(self.creator, self.ke, max_connections=2)

@@ -367,7 +367,8 @@ class KeProtocol(Protocol):
 
     def evict(self) -> None:
         """Pushed out by a newcomer while the server is full."""
-        self.factory.counters.evicted += 1
+        if self._outcome is None:
+            self.factory.counters.evicted += 1
         self._fail("cap", "evicted: the server is full and this one was slowest")
 
     def _finish(self, outcome: str, why: str) -> None:
@@ -385,6 +386,8 @@ class KeProtocol(Protocol):
     def _fail(self, reason: str, why: str) -> None:
         self._done = True
         self._finish(reason, why)
+        if self.slot is not None:
+            self.slot.release()  # now, not when the close is done
         transport: Any = self.transport
         if transport is not None:
             transport.abortConnection()
@@ -439,9 +442,8 @@ class KeProtocol(Protocol):
             self._finish(COMPLETED, f"session: {len(response)} records sent")
         else:
             self._finish("records", "no protocol or AEAD algorithm in common")
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        # The session deadline stays armed: a client that never reads the
+        # response must not hold its slot past it.
         transport = self.transport
         assert transport is not None
         transport.write(rec.encode_records(response))
