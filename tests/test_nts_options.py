@@ -25,6 +25,7 @@ from udptime.nts.cookies import DEFAULT_ROTATE
 from udptime.nts.ke import DEFAULT_KE_RATE_LIMIT, DEFAULT_MAX_CONNECTIONS
 from udptime.nts.keyfile import KeyFileService
 from udptime.nts.options import (
+    KE_BACKLOG,
     KeService,
     nts_services,
     parse_ke_address,
@@ -232,6 +233,7 @@ class CheckTests(unittest.TestCase):
         self.assertEqual(len(keys.holder.key_set.keys), 2)  # current and next
         self.assertIs(ke.factory.ke.keys, keys.holder)
         self.assertGreater(ke.bound_port, 0)
+        self.assertEqual(ke.kwargs["backlog"], KE_BACKLOG)
         # A reload installs the pair where new handshakes take their context.
         context = ke.factory.creator.context
         self.assertIn("new handshakes present CN=localhost", certificate.reload())

@@ -268,6 +268,12 @@ def nts_config(
     )
 
 
+#: Connections the kernel queues for accept (Twisted's default is 50). Under a
+#: flood of clients reconnecting as fast as they are refused, a short queue
+#: overflows and drops a real client's SYN, which it resends a second later.
+KE_BACKLOG = 1024
+
+
 class KeService(internet.TCPServer):
     """The NTS-KE listener: bound in ``privilegedStartService``, says where."""
 
@@ -276,7 +282,9 @@ class KeService(internet.TCPServer):
     def __init__(
         self, host: str, port: int, factory: KeTlsFactory, reactor: Any
     ) -> None:
-        super().__init__(port, factory, interface=host, reactor=reactor)  # type: ignore[no-untyped-call]
+        super().__init__(  # type: ignore[no-untyped-call]
+            port, factory, interface=host, backlog=KE_BACKLOG, reactor=reactor
+        )
         self.factory = factory
 
     def _getPort(self) -> Any:
