@@ -1,7 +1,8 @@
 """NTS-KE handshakes per second: udptime beside chronyd, on loopback.
 
 Run: ``python bench/ke_bench.py [--clients N] [--seconds S]``. Each server
-gets a closed loop of N client processes, each doing one complete NTS-KE
+gets a closed loop of N client processes, each from its own loopback
+address (udptime caps connections per address), each doing one complete NTS-KE
 exchange after another (TCP connect, TLS 1.3 handshake with ALPN
 ``ntske/1`` and certificate verification, request, eight cookies back,
 keys exported), for S seconds after a short warm-up. The same client, the
@@ -72,12 +73,16 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def client_loop(port: int, cafile: str, start: float, end: float, out: Any) -> None:
+def client_loop(
+    port: int, cafile: str, source: str, start: float, end: float, out: Any
+) -> None:
     """One client process: exchanges until *end*, counting those after *start*."""
     done = failed = 0
     while (now := time.monotonic()) < end:
         try:
-            result = ke_session(port, Path(cafile), timeout=5, strict=True)
+            result = ke_session(
+                port, Path(cafile), timeout=5, strict=True, source=source
+            )
             ok = len(result.cookies) == 8
         except Exception:  # noqa: BLE001 - a failure is counted, not fatal
             ok = False
@@ -113,9 +118,10 @@ def measure(
     end = start + seconds
     procs = [
         multiprocessing.Process(
-            target=client_loop, args=(port, str(cafile), start, end, queue)
+            target=client_loop,
+            args=(port, str(cafile), f"127.0.50.{1 + n}", start, end, queue),
         )
-        for _ in range(clients)
+        for n in range(clients)
     ]
     for proc in procs:
         proc.start()
