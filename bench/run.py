@@ -22,7 +22,7 @@ are compared with plain udptime NTP and with chronyd's NTS.
 
 Which servers run is the ``VARIANTS`` table below. A udptime row whose format
 or options the installed udptime does not offer (asked with ``python -m
-udptime.config --describe``) is skipped and the reason recorded. Only
+udptime.describe``) is skipped and the reason recorded. Only
 loopback addresses are ever targeted; every process started here is ended on
 exit.
 """
@@ -494,13 +494,13 @@ def build_c() -> dict[str, str]:
 def udptime_description(twistd: str) -> tuple[dict[str, Any] | None, str]:
     """What the udptime beside *twistd* accepts, or ``None`` and why not.
 
-    Asks its configuration (``python -m udptime.config --describe``: option
+    Asks its configuration (``python -m udptime.describe``: option
     names and formats as JSON) with the Python that runs *twistd*.
     """
     python = os.path.join(os.path.dirname(twistd), "python")
     if not os.access(python, os.X_OK):
         python = sys.executable
-    command = [python, "-m", "udptime.config", "--describe"]
+    command = [python, "-m", "udptime.describe"]
     result = subprocess.run(
         command, capture_output=True, check=False, text=True, timeout=60
     )

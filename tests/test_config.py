@@ -1,4 +1,4 @@
-"""The typed configuration: frozen, its parsers, its JSON for workers, --describe."""
+"""The typed configuration: frozen, its parsers, its JSON for workers; describe."""
 
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ from udptime.config import (
     NtsConfig,
     PolicyConfig,
     coerce,
-    describe,
     parse_count,
     parse_ports,
     parse_positive,
     parse_seconds,
     parse_stratum,
 )
+from udptime.describe import describe
 from udptime.listenspec import ListenSpec
 from udptime.policy import RateLimit
 from udptime.worker import read_config
@@ -61,7 +61,9 @@ FULL = Config(
         tls_cert="/etc/cert.pem",
         tls_key="key with spaces ü.pem",
         keys_file="keys.json",
-        server_name="time.example",
+        key_secret="/run/credentials/udptime.service/nts-key-secret",
+        key_secret_accept="old secret.hex",
+        servers=(("time.example", None), ("::1", 1123)),
         rotate=3600.5,
         ke_rate_limit=None,
         ke_connections=5,
@@ -204,7 +206,7 @@ class DescribeTests(unittest.TestCase):
 
     def test_command(self) -> None:
         done = subprocess.run(
-            [sys.executable, "-m", "udptime.config", "--describe"],
+            [sys.executable, "-m", "udptime.describe"],
             capture_output=True,
             check=True,
             timeout=60,

@@ -293,7 +293,7 @@ class ReloadTests(unittest.TestCase):
             samples[("udptime_nts_certificate_expiry_timestamp_seconds", ())],
             expiry(server.cert),
         )
-        self.assertEqual(samples[("udptime_nts_ke_completed_total", ())], 4)
+        self.assertEqual(samples[("udptime_nts_ke_sessions_total", ())], 4)
         failed = {
             dict(labels)["reason"]: value
             for (name, labels), value in samples.items()
@@ -381,9 +381,7 @@ class StarvationTests(unittest.TestCase):
             for (name, labels), value in samples.items()
             if name == "udptime_nts_ke_failed_total"
         }
-        self.assertEqual(
-            samples[("udptime_nts_ke_completed_total", ())], len(durations)
-        )
+        self.assertEqual(samples[("udptime_nts_ke_sessions_total", ())], len(durations))
         print(
             f"\n{len(durations)} key exchanges during the flood, slowest "
             f"{max(durations) * 1000:.0f} ms; flood: {report}, failed: {failed}",

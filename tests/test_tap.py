@@ -144,6 +144,8 @@ BAD_VALUES: dict[str, str] = {
     "--nts-ke-rate-limit": "1",
     "--nts-ke-timeout": "inf",
     "--nts-keys": "",
+    "--nts-key-secret": "",
+    "--nts-key-secret-accept": "",
     "--nts-rotate": "0",
     "--nts-server": "has space",
     "--port": "65536",

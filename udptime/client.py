@@ -48,6 +48,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from udptime import __version__
 from udptime.ntp import MODE_CLIENT, MODE_SERVER, PACKET_SIZE, from_ntp
 
 FORMATS = ("ctime", "daytime", "time", "ntp")
@@ -736,18 +737,27 @@ def _port(text: str) -> int:
     return value
 
 
+#: ``udptime query`` exit statuses besides 0 (answered) and 2 (argparse's).
+EXIT_NO_REPLY = 1
+EXIT_OUTPUT = 3
+
+EXIT_STATUSES = (
+    "Exit status: 0 answered, 1 no valid reply, 2 usage error, "
+    "3 answered but the result could not be written (closed pipe, full disk)."
+)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
-        prog="udptime", description="Query a UDP time server."
+        prog="udptime", description="Query a UDP time server.", epilog=EXIT_STATUSES
     )
+    top.add_argument("--version", action="version", version=f"udptime {__version__}")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ask = commands.add_parser(
         "query",
         help="ask a server for the time",
-        description=(
-            "Ask HOST for the time, resending after each timeout. Exit status: "
-            "0 answered, 1 no valid reply, 2 usage error."
-        ),
+        description="Ask HOST for the time, resending after each timeout. "
+        + EXIT_STATUSES,
     )
     ask.add_argument("host", metavar="HOST", help="IPv4/IPv6 address or host name")
     ask.add_argument(
@@ -798,15 +808,40 @@ async def _run(reactor: Any, args: argparse.Namespace) -> None:
         )
     except (QueryError, CannotListenError) as exc:
         sys.stderr.write(f"udptime: {exc}\n")
-        raise SystemExit(1) from None
-    if args.json:
-        print(json.dumps(result.as_dict()))
-    else:
-        print(describe(result, args.host))
+        raise SystemExit(EXIT_NO_REPLY) from None
+    _emit(json.dumps(result.as_dict()) if args.json else describe(result, args.host))
+
+
+def _emit(text: str) -> None:
+    """Print the result; a reader that went away or a full disk is exit 3.
+
+    The query succeeded, so "no valid reply" (1) would be a lie, and a
+    traceback says nothing the one line does not.
+    """
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except OSError as exc:
+        # What could not be written is still buffered: point standard output
+        # at /dev/null so the interpreter's last flush does not fail again.
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass  # not a file descriptor: nothing will flush it at exit
+        finally:
+            os.close(null)
+        reason = exc.strerror or str(exc)
+        try:
+            sys.stderr.write(f"udptime: cannot write the result: {reason}\n")
+            sys.stderr.flush()
+        except OSError:
+            pass
+        raise SystemExit(EXIT_OUTPUT) from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``udptime query ...``: exits 0 answered, 1 no valid reply, 2 usage error."""
+    """``udptime query ...``; exit statuses as in :data:`EXIT_STATUSES`."""
     from twisted.internet import task
 
     args = parser().parse_args(argv)

@@ -7,14 +7,10 @@ parsing a command line again. The parsers here are the one check of each kind
 of value: each option's coerce function in ``udptime.tap`` and
 ``udptime.nts.options`` is one of them wrapped by :func:`coerce`, which names
 the option in the error. The records themselves do not check again.
-
-``python -m udptime.config --describe`` prints, as JSON, the options and
-formats this udptime accepts, for tools that must not scrape ``--help``.
 """
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import math
@@ -24,7 +20,6 @@ from typing import Any, TypeVar
 
 from twisted.python import usage
 
-from udptime import __version__
 from udptime.clockstate import DEFAULT_REFID, DEFAULT_STRATUM
 from udptime.listener import DEFAULT_RECEIVE_BUFFER
 from udptime.listenspec import ListenSpec
@@ -177,15 +172,25 @@ class NtpConfig:
 
 @dataclass(frozen=True, slots=True)
 class NtsConfig:
-    """NTS (RFC 8915), present exactly when ``--nts-ke`` is given."""
+    """NTS (RFC 8915), present when ``--nts-ke`` or ``--nts`` is given.
 
-    ke_host: str
-    ke_port: int
-    tls_cert: str
-    tls_key: str
+    Without ``ke_port`` this host serves no NTS-KE (no TLS): it answers NTS
+    on its ntp listeners with cookies NTS-KE hosts sealed under the same
+    keys (``keys_file``) or the same fleet secret (``key_secret``).
+    """
+
+    ke_host: str | None = None
+    ke_port: int | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     keys_file: str = DEFAULT_KEYS_FILE
-    #: NTP server name sent by NTS-KE; ``None``: clients use the KE host
-    server_name: str | None = None
+    #: derive the keys from this secret file instead of the keys file
+    key_secret: str | None = None
+    #: a second secret whose keys open cookies but never seal (rollover)
+    key_secret_accept: str | None = None
+    #: NTP servers NTS-KE hands out, (name, port or None), one per session;
+    #: none: clients use the KE host
+    servers: tuple[tuple[str, int | None], ...] = ()
     rotate: float = DEFAULT_ROTATE
     ke_rate_limit: RateLimit | None = DEFAULT_KE_RATE_LIMIT
     ke_connections: int = DEFAULT_MAX_CONNECTIONS
@@ -265,7 +270,9 @@ class Config:
                 tls_cert=nts["tls_cert"],
                 tls_key=nts["tls_key"],
                 keys_file=nts["keys_file"],
-                server_name=nts["server_name"],
+                key_secret=nts["key_secret"],
+                key_secret_accept=nts["key_secret_accept"],
+                servers=tuple((name, port) for name, port in nts["servers"]),
                 rotate=nts["rotate"],
                 ke_rate_limit=_rate_limit(nts["ke_rate_limit"]),
                 ke_connections=nts["ke_connections"],
@@ -300,51 +307,3 @@ def _plain(value: object) -> Any:
 
 def _rate_limit(data: dict[str, Any] | None) -> RateLimit | None:
     return None if data is None else RateLimit(data["rate"], data["burst"])
-
-
-# --------------------------------------------------------------------------
-# What this udptime accepts, for tools.
-
-
-def describe() -> dict[str, Any]:
-    """The options (``--name`` -> what it takes) and formats this udptime serves."""
-    from udptime.registry import format_names
-    from udptime.tap import Options
-
-    options = Options()
-    short = {long: key for key, long in options.synonyms.items() if len(key) == 1}
-    described: dict[str, Any] = {}
-    for entry in options.longOpt:
-        name = entry.rstrip("=")
-        value = entry.endswith("=")
-        default = options.defaults.get(name) if value else None
-        described[f"--{name}"] = {
-            "short": f"-{short[name]}" if name in short else None,
-            "value": value,
-            "default": None if default is None else str(default),
-            "help": options.docs.get(name, ""),
-        }
-    return {
-        "version": __version__,
-        "formats": format_names(),
-        "options": described,
-    }
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m udptime.config",
-        description="What this udptime accepts, as JSON.",
-    )
-    parser.add_argument(
-        "--describe",
-        action="store_true",
-        required=True,
-        help="print the options and formats this udptime accepts as JSON",
-    )
-    parser.parse_args(argv)
-    print(json.dumps(describe(), indent=2, sort_keys=True))
-
-
-if __name__ == "__main__":
-    main()

@@ -58,14 +58,18 @@ from udptime.metrics_site import Health, MetricsService, host_port, metrics_site
 from udptime.ntp import refid_from_text
 from udptime.nts.certificate import CertificateService
 from udptime.nts.keyfile import KeyFileService
+from udptime.nts.keysecret import KeySecretService
 from udptime.nts.options import (
+    NTS_OPT_FLAGS,
     NTS_OPT_PARAMETERS,
     KeService,
     nts_config,
     nts_counters,
     nts_gauges,
     nts_services,
+    parse_ntp_server,
 )
+from udptime.nts.responder import NtsResponder
 from udptime.policy import (
     DEFAULT_LOOP_PORTS,
     DEFAULT_RATE_LIMIT,
@@ -102,6 +106,7 @@ def parse_listen_spec(text: str) -> ListenSpec:
 _listen = coerce("--listen", parse_listen_spec)
 _allow = coerce("--allow", parse_cidr)
 _deny = coerce("--deny", parse_cidr)
+_nts_server = coerce("--nts-server", parse_ntp_server)
 
 
 def make_policy(config: PolicyConfig) -> Policy:
@@ -147,6 +152,7 @@ class Options(usage.Options):
             "v",
             "Log every request (off by default: floods stay out of the log).",
         ],
+        *NTS_OPT_FLAGS,
     ]
     # Each parameter: [long, short, default, doc, coerce]. Defaults are written
     # as they would be typed (so --help shows them so) and coerced in __init__.
@@ -155,10 +161,10 @@ class Options(usage.Options):
         [
             "interface",
             "i",
-            "",
+            None,
             (
-                "Address to bind: default all IPv4; '::' serves IPv6 (and IPv4 "
-                "where the OS maps it)."
+                "Address to bind (default: all IPv4 addresses); '::' serves "
+                "IPv6 (and IPv4 where the OS maps it)."
             ),
             coerce("--interface", parse_host),
         ],
@@ -312,6 +318,7 @@ class Options(usage.Options):
         self["listen"] = []
         self["allow"] = []
         self["deny"] = []
+        self["nts-server"] = []
 
     def opt_allow(self, value: str) -> None:
         """Serve only these networks (CIDR, IPv4 or IPv6); repeatable."""
@@ -320,6 +327,11 @@ class Options(usage.Options):
     def opt_deny(self, value: str) -> None:
         """Never serve these networks (CIDR); repeatable; deny wins over allow."""
         self["deny"].append(_deny(value))
+
+    def opt_nts_server(self, value: str) -> None:
+        """NTS-KE: NTP server NAME[:PORT] to hand clients, repeatable (one per
+        session, by client address); default: clients use the NTS-KE host."""
+        self["nts-server"].append(_nts_server(value))
 
     def opt_listen(self, value: str) -> None:
         """FORMAT@[HOST:]PORT, FORMAT@[IPV6]:PORT, FORMAT@systemd:N; repeatable."""
@@ -337,7 +349,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         listeners = tuple(self["listen"]) or (
-            ListenSpec(self["format"], self["interface"], self["port"]),
+            ListenSpec(self["format"], self["interface"] or "", self["port"]),
         )
         if self["workers"] > 1 and any(s.host == SYSTEMD for s in listeners):
             raise usage.UsageError(
@@ -427,22 +439,66 @@ def _health(top: UdptimeService, workers: int) -> Health:
 
 
 def _counters(
-    services: list[Any],
+    services: list[Any], listeners: list[TimeListener]
 ) -> Callable[[], dict[str, tuple[str, CounterValue]]]:
     keys = [s for s in services if isinstance(s, KeyFileService)]
+    ke = [s.factory.ke for s in services if isinstance(s, KeService)]
 
     def counters() -> dict[str, tuple[str, CounterValue]]:
-        if not keys:
-            return {}
-        return {
-            "nts_key_save_failures": (
+        values: dict[str, tuple[str, CounterValue]] = {}
+        values.update(_nts_counters(listeners, ke))
+        if keys:
+            values["nts_key_save_failures"] = (
                 "NTS keys file saves that failed (cookies stay under the saved key).",
                 float(keys[0].save_failures),
-            ),
-            **nts_counters(services),
-        }
+            )
+        values.update(nts_counters(services))
+        return values
 
     return counters
+
+
+def _nts_counters(
+    listeners: list[TimeListener], ke: list[Any]
+) -> dict[str, tuple[str, float]]:
+    """This process's NTS counts, 0 without NTS (not its workers')."""
+    nts = [
+        responder.counters
+        for responder in (listener.protocol.core.responder for listener in listeners)
+        if isinstance(responder, NtsResponder)
+    ]
+    return {
+        "nts_authenticated": (
+            "NTS requests answered with an authenticated reply.",
+            float(sum(c.authenticated for c in nts)),
+        ),
+        "nts_naks": (
+            (
+                "NTS NAKs sent: the cookie did not open (another host's keys or "
+                "secret, or expired) or the request failed authentication."
+            ),
+            float(sum(c.naks for c in nts)),
+        ),
+        "nts_cookies": (
+            "NTS cookies sent in NTP replies.",
+            float(sum(c.cookies for c in nts)),
+        ),
+        "nts_ke_sessions": (
+            "NTS-KE sessions that handed out cookies.",
+            float(sum(factory.counters.completed for factory in ke)),
+        ),
+    }
+
+
+def _roles(config: Config, services: list[Any]) -> list[str]:
+    """What this host serves: its listeners' formats, ``nts`` when it answers
+    NTS on NTP, ``nts-ke`` when it serves key exchange (``udptime_role``)."""
+    roles = sorted({spec.format for spec in config.listeners})
+    if config.nts is not None and "ntp" in roles:
+        roles.append("nts")
+    if any(isinstance(s, KeService) for s in services):
+        roles.append("nts-ke")
+    return roles
 
 
 class UdptimeService(service.MultiService):
@@ -593,12 +649,19 @@ def build_service(
         acl.apply(*acl.lists())
         top.signals.reloaders["access lists"] = acl.reload
     for service_ in nts:
+        if isinstance(service_, KeySecretService):
+            top.signals.reloaders["NTS key secrets"] = service_.reload
         if isinstance(service_, CertificateService):
             top.signals.reloaders["NTS certificate"] = service_.reload
     top.signals.setName("signals")  # type: ignore[no-untyped-call]
     top.signals.setServiceParent(top)  # type: ignore[no-untyped-call]
     if metrics is not None:
-        collector = UdptimeCollector(top.stats, _gauges(policy, nts), _counters(nts))
+        collector = UdptimeCollector(
+            top.stats,
+            _gauges(policy, nts),
+            _counters(nts, top.listeners),
+            _roles(config, nts),
+        )
         site = metrics_site(collector, reactor, _health(top, config.workers))
         server = MetricsService(metrics.host, metrics.port, site, reactor)
         server.setName("metrics")  # type: ignore[no-untyped-call]

@@ -26,8 +26,9 @@ completed exchange, or a failure with one of :data:`FAILURE_REASONS`.
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +118,32 @@ class KeSettings:
     ntp_port: int | None = None
     #: The NTP server name or address, sent when given.
     ntp_server: str | None = None
+
+
+#: An NTP server NTS-KE may hand out: name or address, and port (``None``:
+#: the settings' port).
+NtpServer = tuple[str, int | None]
+
+
+def server_settings(
+    settings: KeSettings, servers: Sequence[NtpServer], client: str
+) -> KeSettings:
+    """*settings* with the NTP server for *client* (its address as text).
+
+    Rendezvous hashing: each client goes to the server whose hash with the
+    client's address is highest, so it gets the same one from every NTS-KE
+    host and after every restart, with no state kept, and taking a server
+    out of the list moves only that server's clients.
+    """
+    if not servers:
+        return settings
+
+    def weight(server: NtpServer) -> bytes:
+        text = f"{server[0]} {server[1]} {client}".encode()
+        return hashlib.blake2b(text, digest_size=8).digest()
+
+    name, port = max(servers, key=weight)
+    return KeSettings(settings.ntp_port if port is None else port, name)
 
 
 def respond(
@@ -423,7 +450,11 @@ class KeProtocol(Protocol):
                 request,
                 tls.export_keying_material,
                 factory.keys.key_set,
-                factory.settings,
+                server_settings(
+                    factory.settings,
+                    factory.servers,
+                    str(getattr(self.peer, "host", "")),
+                ),
             )
         except Exception as exc:  # noqa: BLE001 - the client gets error 2, we a log line
             factory.log.failure(
@@ -481,10 +512,13 @@ class KeFactory(Factory):
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_request: int = DEFAULT_MAX_REQUEST,
         verbose: bool = False,
+        servers: Sequence[NtpServer] = (),
     ) -> None:
         self.keys = keys
         self.clock = clock
         self.settings = settings or KeSettings()
+        #: NTP servers to hand out, one per session (:func:`server_settings`)
+        self.servers = tuple(servers)
         self.timeout = timeout
         self.first_byte_timeout = first_byte_timeout
         self.handshake_timeout = handshake_timeout

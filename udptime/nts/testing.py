@@ -12,6 +12,7 @@ import select
 import selectors
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +39,12 @@ def make_certificate(
     *,
     cert_name: str = "cert.pem",
     key_name: str = "key.pem",
+    addresses: Sequence[str] = ("127.0.0.1",),
     valid_from: datetime.datetime | None = None,
     valid_until: datetime.datetime | None = None,
     passphrase: bytes | None = None,
 ) -> tuple[Path, Path]:
-    """A self-signed P-256 certificate for localhost and 127.0.0.1, and its
+    """A self-signed P-256 certificate for localhost and *addresses*, and its
     key, written to *directory* as *cert_name* and *key_name*.
 
     Valid from a day ago for 30 days unless *valid_from*/*valid_until* say
@@ -62,7 +64,7 @@ def make_certificate(
             x509.SubjectAlternativeName(
                 [
                     x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    *(x509.IPAddress(ipaddress.ip_address(a)) for a in addresses),
                 ]
             ),
             critical=False,
