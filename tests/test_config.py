@@ -21,6 +21,7 @@ from udptime.config import (
     NtpConfig,
     NtsConfig,
     PolicyConfig,
+    RoughtimeConfig,
     coerce,
     parse_count,
     parse_ports,
@@ -70,6 +71,7 @@ FULL = Config(
         ke_timeout=2.25,
     ),
     metrics=MetricsConfig("0.0.0.0", 9100),
+    roughtime=RoughtimeConfig(delegation_file="host.json", local_radius=7),
     workers=4,
     receive_buffer=0,
     batch=False,
@@ -103,7 +105,12 @@ class RecordTests(unittest.TestCase):
                 )
 
     def test_json_round_trip(self) -> None:
-        for config in (Config(), FULL, dataclasses.replace(FULL, nts=None)):
+        for config in (
+            Config(),
+            FULL,
+            dataclasses.replace(FULL, nts=None),
+            dataclasses.replace(FULL, roughtime=RoughtimeConfig(key_file="root.pem")),
+        ):
             text = config.to_json()
             self.assertNotIn("\n", text)  # one line on the worker's stdin
             self.assertEqual(Config.from_json(text), config)
@@ -188,7 +195,9 @@ class DescribeTests(unittest.TestCase):
     def test_describe(self) -> None:
         description = describe()
         self.assertEqual(description["version"], __version__)
-        self.assertEqual(description["formats"], ["ctime", "daytime", "ntp", "time"])
+        self.assertEqual(
+            description["formats"], ["ctime", "daytime", "ntp", "roughtime", "time"]
+        )
         options = description["options"]
         self.assertEqual(
             options["--port"],
@@ -201,7 +210,13 @@ class DescribeTests(unittest.TestCase):
         )
         self.assertFalse(options["--no-batch"]["value"])
         self.assertTrue(options["--listen"]["value"])
-        for name in ("--workers", "--nts-ke", "--allow", "--local-stratum"):
+        for name in (
+            "--workers",
+            "--nts-ke",
+            "--allow",
+            "--local-stratum",
+            "--roughtime-key",
+        ):
             self.assertIn(name, options)
 
     def test_command(self) -> None:

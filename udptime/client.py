@@ -52,9 +52,18 @@ from udptime import __version__
 from udptime.ntp import MODE_CLIENT, MODE_SERVER, PACKET_SIZE, from_ntp
 
 FORMATS = ("ctime", "daytime", "time", "ntp")
+#: ``udptime query -f`` also speaks Roughtime (``udptime.roughtime.query``).
+QUERY_FORMATS = (*FORMATS, "roughtime")
 
-#: Well-known ports, except ctime, which has none: 20000 is the recipe's.
-DEFAULT_PORTS = {"ctime": 20000, "daytime": 13, "time": 37, "ntp": 123}
+#: Well-known ports, except ctime, which has none: 20000 is the recipe's;
+#: Roughtime's is where public servers serve (IANA assigned 5319).
+DEFAULT_PORTS = {
+    "ctime": 20000,
+    "daytime": 13,
+    "time": 37,
+    "ntp": 123,
+    "roughtime": 2002,
+}
 
 #: What a client request says: no leap warning, version 4, client mode.
 NTP_VERSION = 4
@@ -759,15 +768,40 @@ def parser() -> argparse.ArgumentParser:
         description="Ask HOST for the time, resending after each timeout. "
         + EXIT_STATUSES,
     )
-    ask.add_argument("host", metavar="HOST", help="IPv4/IPv6 address or host name")
+    ask.add_argument(
+        "host",
+        metavar="HOST",
+        nargs="?",
+        help="IPv4/IPv6 address or host name (not with --servers)",
+    )
     ask.add_argument(
         "--port",
         "-p",
         type=_port,
-        help="UDP port (default: 20000 ctime, 13 daytime, 37 time, 123 ntp)",
+        help=(
+            "UDP port (default: 20000 ctime, 13 daytime, 37 time, 123 ntp, "
+            "2002 roughtime)"
+        ),
     )
     ask.add_argument(
-        "--format", "-f", choices=FORMATS, default="ctime", help="default: ctime"
+        "--format", "-f", choices=QUERY_FORMATS, default="ctime", help="default: ctime"
+    )
+    ask.add_argument(
+        "--public-key",
+        metavar="B64",
+        help="roughtime: the server's long-term public key (base64); replies "
+        "are verified against it",
+    )
+    ask.add_argument(
+        "--servers",
+        metavar="LIST.json",
+        help="roughtime: query the servers of an RFC 10049 server list in a chain",
+    )
+    ask.add_argument(
+        "--report",
+        metavar="FILE",
+        help="roughtime --servers: where a malfeasance report goes if replies "
+        "contradict each other (default: roughtime-malfeasance.json)",
     )
     ask.add_argument(
         "--timeout",
@@ -791,10 +825,21 @@ def parser() -> argparse.ArgumentParser:
     family.add_argument(
         "-6", dest="family", action="store_const", const=6, help="IPv6 only"
     )
+    # Checks between options (udptime.roughtime.query.check_args) report
+    # through the query command's own usage line.
+    ask.set_defaults(usage_error=ask.error)
+    commands.add_parser(
+        "roughtime",
+        help="Roughtime keys, delegations and this server's list entry",
+        add_help=False,
+    ).add_argument("arguments", nargs=argparse.REMAINDER)
     return top
 
 
 async def _run(reactor: Any, args: argparse.Namespace) -> None:
+    if args.format == "roughtime":
+        await _run_roughtime(reactor, args)
+        return
     port = args.port if args.port is not None else DEFAULT_PORTS[args.format]
     try:
         result = await query(
@@ -840,9 +885,35 @@ def _emit(text: str) -> None:
         raise SystemExit(EXIT_OUTPUT) from None
 
 
+async def _run_roughtime(reactor: Any, args: argparse.Namespace) -> None:
+    from udptime.roughtime.query import run
+
+    try:
+        text, trouble = await run(reactor, args)
+    except (QueryError, CannotListenError, OSError) as exc:
+        sys.stderr.write(f"udptime: {exc}\n")
+        raise SystemExit(EXIT_NO_REPLY) from None
+    _emit(text)
+    if trouble is not None:
+        sys.stderr.write(f"udptime: {trouble}\n")
+        raise SystemExit(EXIT_NO_REPLY)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``udptime query ...``; exit statuses as in :data:`EXIT_STATUSES`."""
     from twisted.internet import task
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["roughtime"]:  # its own parser, --help included
+        from udptime.roughtime import cli
+
+        raise SystemExit(cli.main(argv[1:]))
     args = parser().parse_args(argv)
+    from udptime.roughtime.query import check_args
+
+    problem = check_args(args)
+    if problem is None and args.host is None and args.servers is None:
+        problem = "HOST is required"
+    if problem is not None:
+        args.usage_error(problem)
     task.react(lambda reactor: defer.Deferred.fromCoroutine(_run(reactor, args)))

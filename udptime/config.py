@@ -202,6 +202,17 @@ class NtsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RoughtimeConfig:
+    """Roughtime (RFC 10049), present exactly when a roughtime listener is:
+    the root key file or a delegation file (one of them), and the radius
+    claimed for an unsynchronised clock served under ``--local-stratum``."""
+
+    key_file: str | None = None
+    delegation_file: str | None = None
+    local_radius: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     """Where Prometheus ``/metrics`` is served (TCP)."""
 
@@ -218,6 +229,7 @@ class Config:
     ntp: NtpConfig = NtpConfig()
     nts: NtsConfig | None = None
     metrics: MetricsConfig | None = None
+    roughtime: RoughtimeConfig | None = None
     #: processes serving the same ports, this one included
     workers: int = 1
     #: SO_RCVBUF to ask for; 0 keeps the kernel's
@@ -282,6 +294,9 @@ class Config:
                 ke_per_source=nts["ke_per_source"],
             ),
             metrics=None if metrics is None else MetricsConfig(**metrics),
+            roughtime=None
+            if data.get("roughtime") is None
+            else RoughtimeConfig(**data["roughtime"]),
             workers=data["workers"],
             receive_buffer=data["receive_buffer"],
             batch=data["batch"],

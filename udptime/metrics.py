@@ -10,7 +10,7 @@ import this module load neither.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,9 +45,6 @@ class ListenerStats:
 
 LABELS = ["format", "address", "port", "worker"]
 
-#: A counter's value, or its values by one label: (label name, {value: count}).
-CounterValue = float | tuple[str, dict[str, float]]
-
 
 class UdptimeCollector:
     """A ``prometheus_client`` collector over our plain counters."""
@@ -56,14 +53,17 @@ class UdptimeCollector:
         self,
         listeners: Callable[[], list[ListenerStats]],
         gauges: Callable[[], dict[str, tuple[str, float]]],
-        counters: Callable[[], dict[str, tuple[str, CounterValue]]] = dict,
+        counters: Callable[[], dict[str, tuple[str, float]]] = dict,
         roles: Sequence[str] = (),
+        families: Callable[[], Iterable[Any]] = tuple,
     ) -> None:
         self._listeners = listeners
         self._gauges = gauges
         self._counters = counters
         #: what this host serves (formats, "nts", "nts-ke"): udptime_role
         self._roles = tuple(roles)
+        #: whole metric families a format adds (Roughtime's, with labels)
+        self._families = families
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import (
@@ -99,18 +99,10 @@ class UdptimeCollector:
             for role in self._roles:
                 roles.add_metric([role], 1.0)
             yield roles
-        for name, (help_text, counted) in self._counters().items():
+        for name, (help_text, value) in self._counters().items():
             # Exposed as udptime_NAME_total.
-            if isinstance(counted, tuple):
-                label, by_label = counted
-                family = CounterMetricFamily(
-                    f"udptime_{name}", help_text, labels=[label]
-                )
-                for label_value, count in by_label.items():
-                    family.add_metric([label_value], count)
-                yield family
-            else:
-                yield CounterMetricFamily(f"udptime_{name}", help_text, value=counted)
+            yield CounterMetricFamily(f"udptime_{name}", help_text, value=value)
+        yield from self._families()
 
     def describe(self) -> list[Any]:
         # Collected on demand only: registering must not call collect().

@@ -9,7 +9,7 @@ only that config, in the twistd process and in each ``--workers`` process.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -48,12 +48,7 @@ from udptime.listenspec import (
     parse_listen,
     parse_port,
 )
-from udptime.metrics import (
-    CounterValue,
-    ListenerStats,
-    UdptimeCollector,
-    parse_metrics_address,
-)
+from udptime.metrics import ListenerStats, UdptimeCollector, parse_metrics_address
 from udptime.metrics_site import Health, MetricsService, host_port, metrics_site
 from udptime.ntp import refid_from_text
 from udptime.nts.certificate import CertificateService
@@ -64,8 +59,8 @@ from udptime.nts.options import (
     NTS_OPT_PARAMETERS,
     KeService,
     nts_config,
-    nts_counters,
     nts_gauges,
+    nts_metric_families,
     nts_services,
     parse_ntp_server,
 )
@@ -80,6 +75,7 @@ from udptime.policy import (
 )
 from udptime.protocol import TimeProtocol, ns_clock
 from udptime.registry import Context, Format, format_names, get_format
+from udptime.roughtime import options as roughtime
 from udptime.signals import SignalService
 from udptime.summary import SummaryService
 from udptime.workers import WorkerSupervisor
@@ -192,7 +188,8 @@ class Options(usage.Options):
             (
                 "NTP: serve an unsynchronised local clock anyway, at this stratum "
                 "(1-15) with refid LOCL, like chrony's 'local stratum'. Without it an "
-                "unsynchronised kernel clock is advertised as LI=3, stratum 16."
+                "unsynchronised kernel clock is advertised as LI=3, stratum 16. "
+                "Roughtime too serves an unsynchronised clock only with it."
             ),
             coerce("--local-stratum", parse_stratum),
         ],
@@ -303,6 +300,7 @@ class Options(usage.Options):
             coerce("--refid", refid_from_text),
         ],
         *NTS_OPT_PARAMETERS,
+        *roughtime.ROUGHTIME_OPT_PARAMETERS,
     ]
 
     #: the parsed command line, set by ``postOptions``
@@ -384,6 +382,7 @@ class Options(usage.Options):
             ),
             nts=nts_config(self, listeners),
             metrics=None if metrics is None else MetricsConfig(*metrics),
+            roughtime=roughtime.roughtime_config(self, listeners),
             workers=self["workers"],
             receive_buffer=self["receive-buffer"],
             batch=not self["no-batch"],
@@ -440,19 +439,17 @@ def _health(top: UdptimeService, workers: int) -> Health:
 
 def _counters(
     services: list[Any], listeners: list[TimeListener]
-) -> Callable[[], dict[str, tuple[str, CounterValue]]]:
+) -> Callable[[], dict[str, tuple[str, float]]]:
     keys = [s for s in services if isinstance(s, KeyFileService)]
     ke = [s.factory.ke for s in services if isinstance(s, KeService)]
 
-    def counters() -> dict[str, tuple[str, CounterValue]]:
-        values: dict[str, tuple[str, CounterValue]] = {}
-        values.update(_nts_counters(listeners, ke))
+    def counters() -> dict[str, tuple[str, float]]:
+        values = _nts_counters(listeners, ke)
         if keys:
             values["nts_key_save_failures"] = (
                 "NTS keys file saves that failed (cookies stay under the saved key).",
                 float(keys[0].save_failures),
             )
-        values.update(nts_counters(services))
         return values
 
     return counters
@@ -488,6 +485,16 @@ def _nts_counters(
             float(sum(factory.counters.completed for factory in ke)),
         ),
     }
+
+
+def _families(*sources: Callable[[], Iterable[Any]]) -> Callable[[], Iterator[Any]]:
+    """Whole metric families from each of *sources*, one after another."""
+
+    def families() -> Iterator[Any]:
+        for source in sources:
+            yield from source()
+
+    return families
 
 
 def _roles(config: Config, services: list[Any]) -> list[str]:
@@ -594,6 +601,7 @@ def build_service(
     )
     for service_ in nts:
         service_.setServiceParent(top)
+    roughtime_keys, roughtime_settings = roughtime.roughtime_services(config, reactor)
     context = Context(
         wall_clock_ns=ns_clock(reactor),
         clock_state=ClockStateCache(
@@ -604,6 +612,7 @@ def build_service(
             refid=config.ntp.refid,
         ),
         nts_cookies=nts_cookies,
+        roughtime=roughtime_settings,
     )
     for spec, sock in zip(config.listeners, sockets, strict=True):
         listener = listener_for(
@@ -655,12 +664,17 @@ def build_service(
             top.signals.reloaders["NTS certificate"] = service_.reload
     top.signals.setName("signals")  # type: ignore[no-untyped-call]
     top.signals.setServiceParent(top)  # type: ignore[no-untyped-call]
+    roughtime.attach(top, roughtime_keys, config.summary_interval, reactor)
     if metrics is not None:
         collector = UdptimeCollector(
             top.stats,
             _gauges(policy, nts),
             _counters(nts, top.listeners),
             _roles(config, nts),
+            families=_families(
+                roughtime.metric_families(top.listeners, roughtime_keys),
+                nts_metric_families(nts),
+            ),
         )
         site = metrics_site(collector, reactor, _health(top, config.workers))
         server = MetricsService(metrics.host, metrics.port, site, reactor)

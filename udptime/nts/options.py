@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from twisted.application import internet
@@ -482,9 +482,8 @@ def nts_services(
     return services, keys.holder
 
 
-#: A metric's help and value, or help and per-label values (label name, values).
+#: A metric's help and value.
 Metric = tuple[str, float]
-LabelledMetric = tuple[str, tuple[str, dict[str, float]]]
 
 
 def nts_gauges(services: Sequence[IService]) -> dict[str, Metric]:
@@ -504,22 +503,31 @@ def nts_gauges(services: Sequence[IService]) -> dict[str, Metric]:
     return values
 
 
-def nts_counters(services: Sequence[IService]) -> dict[str, Metric | LabelledMetric]:
-    """Counters of the NTS-KE server (exposed as ``udptime_NAME_total``)."""
-    for svc in services:
-        if isinstance(svc, KeService):
-            counters = svc.factory.ke.counters
-            # Completed exchanges are udptime_nts_ke_sessions_total (tap.py).
-            return {
-                "nts_ke_failed": (
-                    (
-                        "NTS-KE connections that got no cookies, by reason: tls, "
-                        "alpn, records, internal, timeout, rate, denied, cap."
-                    ),
-                    (
-                        "reason",
-                        {r: float(counters.failed[r]) for r in FAILURE_REASONS},
-                    ),
-                ),
-            }
-    return {}
+def nts_metric_families(services: Sequence[IService]) -> Callable[[], Iterator[Any]]:
+    """NTS-KE's labelled counters for ``UdptimeCollector(families=...)``.
+
+    Completed exchanges are ``udptime_nts_ke_sessions_total`` (tap.py); the
+    others are counted here by reason.
+    """
+    factories = [svc.factory.ke for svc in services if isinstance(svc, KeService)]
+
+    def families() -> Iterator[Any]:
+        if not factories:
+            return
+        from prometheus_client.core import CounterMetricFamily
+
+        failed = CounterMetricFamily(
+            "udptime_nts_ke_failed",
+            (
+                "NTS-KE connections that got no cookies, by reason: tls, alpn, "
+                "records, internal, timeout, rate, denied, cap."
+            ),
+            labels=["reason"],
+        )
+        for reason in FAILURE_REASONS:
+            failed.add_metric(
+                [reason], float(sum(f.counters.failed[reason] for f in factories))
+            )
+        yield failed
+
+    return families
