@@ -49,7 +49,7 @@ from udptime.listenspec import (
     parse_port,
 )
 from udptime.metrics import ListenerStats, UdptimeCollector, parse_metrics_address
-from udptime.metrics_site import Health, MetricsService, host_port, metrics_site
+from udptime.metrics_site import Health, MetricsService, metrics_site
 from udptime.ntp import refid_from_text
 from udptime.nts.certificate import CertificateService
 from udptime.nts.keyfile import KeyFileService
@@ -78,6 +78,7 @@ from udptime.registry import Context, Format, format_names, get_format
 from udptime.roughtime import options as roughtime
 from udptime.signals import SignalService
 from udptime.summary import SummaryService
+from udptime.tcpservice import host_port
 from udptime.workers import WorkerSupervisor
 
 

@@ -32,10 +32,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from twisted.application import internet
 from twisted.application.service import IService
-from twisted.internet.error import CannotListenError
-from twisted.logger import Logger
 from twisted.python import usage
 
 from udptime.config import (
@@ -76,6 +73,7 @@ from udptime.nts.keysecret import KeySecretService, read_secret
 from udptime.nts.responder import CookieJar
 from udptime.nts.slots import DEFAULT_PER_ADDRESS
 from udptime.policy import Policy, parse_rate_limit
+from udptime.tcpservice import NamedTCPServer
 
 
 def parse_ke_address(text: str) -> tuple[str, int]:
@@ -366,43 +364,15 @@ def _check_keys_file(path: str) -> None:
 KE_BACKLOG = 1024
 
 
-class KeService(internet.TCPServer):
+class KeService(NamedTCPServer):
     """The NTS-KE listener: bound in ``privilegedStartService``, says where."""
 
-    log = Logger()
+    factory: KeTlsFactory
 
     def __init__(
         self, host: str, port: int, factory: KeTlsFactory, reactor: Any
     ) -> None:
-        super().__init__(  # type: ignore[no-untyped-call]
-            port, factory, interface=host, backlog=KE_BACKLOG, reactor=reactor
-        )
-        self.factory = factory
-
-    def _getPort(self) -> Any:
-        try:
-            port = super()._getPort()  # type: ignore[no-untyped-call]
-        except CannotListenError as exc:
-            where = f"[{exc.interface}]" if ":" in exc.interface else exc.interface
-            sys.stderr.write(
-                f"udptime: cannot listen on TCP {where or '0.0.0.0'}:{exc.port} "
-                f"(NTS-KE): {exc.socketError}\n"
-            )
-            sys.stderr.flush()
-            raise SystemExit(1) from None
-        address = port.getHost()
-        self.log.info(
-            "serving NTS-KE on TCP {host} port {port}",
-            host=address.host,
-            port=address.port,
-        )
-        return port
-
-    @property
-    def bound_port(self) -> int:
-        port: Any = self._port
-        assert port is not None, "NTS-KE service not started"
-        return int(port.getHost().port)
+        super().__init__("NTS-KE", host, port, factory, reactor, backlog=KE_BACKLOG)
 
 
 def nts_services(
