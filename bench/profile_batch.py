@@ -200,7 +200,9 @@ def instructions(row: str, batches: int, sources: int) -> dict[str, Any]:
         )  # fmt: skip
         found = re.search(r"Collected : (\d+)", result.stderr)
         if found is None:
-            raise SystemExit(f"profile: no count from callgrind: {result.stderr[-300:]}")
+            raise SystemExit(
+                f"profile: no count from callgrind: {result.stderr[-300:]}"
+            )
         counts.append(int(found.group(1)))
     per = (counts[1] - counts[0]) / (4 * batches * BATCH)
     return {"row": row, "instructions_per_datagram": round(per), "batch": BATCH}
