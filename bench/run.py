@@ -932,6 +932,75 @@ def roughtime_rates(
     return rates(before, after, seconds)
 
 
+#: bench/profile_batch.py rows standing in for the benchmark's udptime rows.
+PROFILE_ROWS = {
+    "udptime ntp": "ntp",
+    "udptime ntp, rate limit off": "ntp-off",
+    "udptime ctime": "ctime",
+    "udptime ctime, rate limit off": "ctime-off",
+    "udptime time": "time",
+}
+
+
+def python_profile() -> dict[str, Any]:
+    """Python ns per datagram of the batch path, syscalls stubbed, per row.
+
+    Run in a child pinned to the server's CPU, with the same Python as the
+    server; best of five runs of 2,000 batches of 64 each.
+    """
+    cmd = pin(
+        SERVER_CPU,
+        [sys.executable, str(BENCH / "profile_batch.py"), *PROFILE_ROWS.values()],
+    )
+    result = subprocess.run(
+        cmd, capture_output=True, check=False, text=True, timeout=600
+    )
+    if result.returncode != 0:
+        return {"command": shlex.join(cmd), "error": result.stderr.strip()[-300:]}
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    return {
+        "command": shlex.join(cmd),
+        "python_ns": {r["row"]: r["python_ns_per_datagram"] for r in rows},
+    }
+
+
+def profile_table(report: dict[str, Any], rows: dict[str, Row]) -> list[str]:
+    """Per reply: the server's measured CPU, its Python, the kernel's rest."""
+    prof = report.get("profile_batch")
+    if not prof:
+        return []
+    lines = ["", "## Where a reply's CPU goes", ""]
+    if "error" in prof:
+        return [*lines, f"Profile failed: {cell(prof['error'], 300)}"]
+    lines += [
+        (
+            f"CPU: {report['machine']['cpu_model']}. Server CPU per reply is the "
+            "best round's server CPU time over its replies; Python is "
+            "`bench/profile_batch.py` (the same batch path, recvmmsg/sendmmsg "
+            "replaced by copies, best of 5); the kernel and the rest is the "
+            "difference (system calls, loopback delivery, the reactor)."
+        ),
+        "",
+        (
+            "| row | server CPU per reply ns | Python ns (syscalls stubbed) "
+            "| kernel and the rest ns | Python share |"
+        ),
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, key in PROFILE_ROWS.items():
+        python = prof["python_ns"].get(key)
+        row = rows.get(name)
+        per_cpu = per_cpu_second(row.best) if row and row.best else None
+        total = 1e9 / per_cpu if per_cpu else None
+        rest = total - python if total is not None and python is not None else None
+        share = f"{100 * python / total:.0f}%" if total and python else "–"
+        lines.append(
+            f"| {name} | {fmt_num(total)} | {fmt_num(python)} | {fmt_num(rest)} "
+            f"| {share} |"
+        )
+    return lines
+
+
 def cpu_pressure() -> str | None:
     try:
         return Path("/proc/pressure/cpu").read_text().splitlines()[0]
@@ -1287,7 +1356,7 @@ def accuracy_cells(entry: dict[str, Any], phase: str) -> str:
 
 
 def nts_table(
-    rows: dict[str, Row], rat: dict[str, dict[str, float | None]]
+    rows: dict[str, Row], rat: dict[str, dict[str, float | None]], cpu: str = ""
 ) -> list[str]:
     """Authenticated NTP (NTS) against plain udptime NTP and chronyd's NTS."""
     nts_rows = [(n, r) for n, r in rows.items() if r.variant.nts and r.status == "ok"]
@@ -1302,7 +1371,7 @@ def nts_table(
             "Unique Identifier, one cookie, no placeholders; each checked once to "
             "get an authenticated reply, not a NAK) replayed by the load "
             "generator; the servers keep no per-request state, so every request "
-            "is opened, checked and answered with a fresh cookie."
+            f"is opened, checked and answered with a fresh cookie. {cpu}"
         ),
         "",
         (
@@ -1379,6 +1448,8 @@ def markdown(report: dict[str, Any], rows: dict[str, Row]) -> str:
     m = report["machine"]
     p = report["profile"]
     rat = report["ratios"]
+    #: Beside every table: ratios differ between CPU models.
+    cpu = f"CPU: {m['cpu_model'] or 'unknown'}."
     pinning = (
         f"server on CPU {m['server_cpu']}, load generator on CPU {m['load_cpu']}"
         if m["pinned"]
@@ -1440,7 +1511,7 @@ def markdown(report: dict[str, Any], rows: dict[str, Row]) -> str:
     lines += [
         "",
         (
-            "replies/s: best round. server CPU: the server process's user+system "
+            f"{cpu} replies/s: best round. server CPU: the server process's user+system "
             "time over the measured interval (100% = one core); replies per server "
             "CPU-s divides by it. loadgen CPU: the "
             "load generator's. other CPU: busy time on the two CPUs that neither "
@@ -1471,9 +1542,10 @@ def markdown(report: dict[str, Any], rows: dict[str, Row]) -> str:
                     for r in row.rounds
                 )
                 lines.append(f"- {name}: {per}")
-    lines += nts_table(rows, rat)
+    lines += nts_table(rows, rat, cpu)
     lines += roughtime_table(rows, rat)
-    lines += ["", "## Targets (reported, not asserted)", ""]
+    lines += profile_table(report, rows)
+    lines += ["", "## Targets (reported, not asserted)", "", cpu, ""]
     lines += ["| row | ratio | target | measured |", "|---|---|---:|---:|"]
     for name, key, target in TARGETS:
         value = rat.get(name, {}).get(key)
@@ -1490,7 +1562,8 @@ def markdown(report: dict[str, Any], rows: dict[str, Row]) -> str:
                 "Offsets are server minus local clock, as the client prints them; "
                 "client and server share one clock, so the ideal is 0. sntp: median "
                 "(max |offset|) of its samples; chronyd -Q: one combined estimate. "
-                "Loaded: the load generator at half the server's measured maximum."
+                "Loaded: the load generator at half the server's measured maximum. "
+                + cpu
             ),
             "",
             (
@@ -1615,6 +1688,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--no-accuracy", action="store_true", help="skip the NTP offset phase"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also measure udptime's Python per datagram with the system calls "
+        "stubbed (bench/profile_batch.py) and split each udptime row's CPU per "
+        "reply into Python and the kernel",
     )
     return parser.parse_args(argv)
 
@@ -1759,6 +1839,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         PROCS.stop_all()
 
+    profile_result = None
+    if args.profile and not interrupted:
+        print("bench: profiling the batch path (syscalls stubbed) ...", flush=True)
+        profile_result = python_profile()
     rat = ratios(rows)
     report: dict[str, Any] = {
         "command": command,
@@ -1794,6 +1878,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for n, k, t in TARGETS
         ],
         "accuracy": accuracy,
+        "profile_batch": profile_result,
     }
     png = out_dir / "results.png"
     note = chart(png, rows, rat)
