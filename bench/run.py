@@ -20,9 +20,15 @@ with the server, then replay 64 authenticated requests made from its cookies
 and keys (``bench/nts_load.py``, ``loadgen --payload-file``); their replies/s
 are compared with plain udptime NTP and with chronyd's NTS.
 
+Roughtime rows (udptime and ``roughly``, an independent Python server, run
+by the Python 3.12 that ``UDPTIME_ROUGHTIME_PEER`` or ``.venv-roughtime``
+names) get the same load: 64 valid 1024-byte requests
+(``bench/roughtime_load.py``) replayed; udptime's signatures per second and
+mean batch size come from its ``/metrics`` before and after the measurement.
+
 Which servers run is the ``VARIANTS`` table below. A udptime row whose format
 or options the installed udptime does not offer (asked with ``python -m
-udptime.config --describe``) is skipped and the reason recorded. Only
+udptime.describe``) is skipped and the reason recorded. Only
 loopback addresses are ever targeted; every process started here is ended on
 exit.
 """
@@ -73,6 +79,8 @@ CHRONYD = "chronyd"
 CHRONYD_NTS = "chronyd + NTS"
 UDPTIME_NTP = "udptime ntp"
 UDPTIME_NTS = "udptime ntp + NTS"
+UDPTIME_ROUGHTIME = "udptime roughtime"
+ROUGHLY = "roughly (Python Roughtime)"
 
 NTP_UNIX_OFFSET = 2_208_988_800
 #: A round during which other processes kept this much of a CPU busy is
@@ -133,8 +141,8 @@ class Variant:
     """One row of the benchmark: a server and how to talk to it."""
 
     name: str
-    kind: str  # udptime | recipe_socketserver | recipe_socket | asyncio | chronyd | ceiling
-    payload: str  # "empty" (text formats) or "ntp" (48-byte client request)
+    kind: str  # udptime | recipe_socketserver | recipe_socket | asyncio | chronyd | ceiling | roughly
+    payload: str  # "empty" (text formats), "ntp" (48-byte client request), "roughtime"
     fmt: str = "ctime"  # udptime --format
     extra_args: tuple[str, ...] = ()  # further udptime options
     quick: bool = False  # also run under --quick
@@ -232,6 +240,23 @@ VARIANTS: tuple[Variant, ...] = (
         note="--local-stratum 10 and --nts-ke (self-signed P-256 certificate, "
         "keys file in the temp dir), otherwise defaults; load: 64 NTS-authenticated "
         "requests (one cookie, no placeholders) replayed",
+    ),
+    Variant(
+        UDPTIME_ROUGHTIME,
+        "udptime",
+        "roughtime",
+        "roughtime",
+        LOCAL,
+        quick=True,
+        note="--roughtime-key (delegations made by the server), --local-stratum 10, "
+        "otherwise defaults; load: 64 valid 1024-byte requests replayed",
+    ),
+    Variant(
+        ROUGHLY,
+        "roughly",
+        "roughtime",
+        note="roughly 0.3.0's own server (asyncio, 5 ms batching window, "
+        "--no-grease) under Python 3.12; same load as udptime roughtime",
     ),
     Variant(
         RECIPE,
@@ -408,6 +433,10 @@ def ntp_request() -> bytes:
 
 def probe_once(host: str, port: int, payload: str, timeout: float) -> bytes | None:
     data = ntp_request() if payload == "ntp" else b""
+    if payload == "roughtime":
+        from roughtime_load import make_request
+
+        data = make_request()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
         try:
@@ -494,13 +523,13 @@ def build_c() -> dict[str, str]:
 def udptime_description(twistd: str) -> tuple[dict[str, Any] | None, str]:
     """What the udptime beside *twistd* accepts, or ``None`` and why not.
 
-    Asks its configuration (``python -m udptime.config --describe``: option
+    Asks its configuration (``python -m udptime.describe``: option
     names and formats as JSON) with the Python that runs *twistd*.
     """
     python = os.path.join(os.path.dirname(twistd), "python")
     if not os.access(python, os.X_OK):
         python = sys.executable
-    command = [python, "-m", "udptime.config", "--describe"]
+    command = [python, "-m", "udptime.describe"]
     result = subprocess.run(
         command, capture_output=True, check=False, text=True, timeout=60
     )
@@ -568,6 +597,8 @@ class Server:
     ke_port: int | None = None
     payload_file: Path | None = None
     nts: dict[str, Any] | None = None
+    #: udptime Roughtime rows: its /metrics port (signature counters).
+    metrics_port: int | None = None
 
 
 def chronyd_config(
@@ -602,10 +633,17 @@ def server_command(
     workdir: Path,
     twistd: str,
     ke_port: int | None = None,
+    metrics_port: int | None = None,
 ) -> list[str]:
     py = sys.executable
     if variant.kind == "udptime":
         nts: list[str] = []
+        if variant.fmt == "roughtime":
+            from roughtime_load import write_root_key
+
+            nts += ["--roughtime-key", str(write_root_key(workdir))]
+            if metrics_port is not None:
+                nts += ["--metrics", f"{host}:{metrics_port}"]
         if ke_port is not None:
             nts = [
                 "--nts-ke",
@@ -639,6 +677,13 @@ def server_command(
         return [py, str(SERVERS / "asyncio_ctime.py"), str(port), host]
     if variant.kind == "ceiling":
         return [str(BUILD / "ceiling"), str(port), host]
+    if variant.kind == "roughly":
+        from roughtime_load import peer_command, peer_python
+
+        python = peer_python(REPO)
+        if python is None:
+            raise ValueError("no Python with roughly")
+        return peer_command(python, host, port)
     if variant.kind == "chronyd":
         chronyd = shutil.which("chronyd") or "/usr/sbin/chronyd"
         cmd = [chronyd, "-x", "-d"]
@@ -649,6 +694,14 @@ def server_command(
 
 
 def missing_tool(variant: Variant) -> str | None:
+    if variant.kind == "roughly":
+        from roughtime_load import PEER_ENV, PEER_VENV, peer_python
+
+        if peer_python(REPO) is None:
+            return (
+                f"no Python with roughly: set {PEER_ENV} or make {PEER_VENV} "
+                "(as .ci/run does)"
+            )
     if variant.kind == "chronyd" and not (
         shutil.which("chronyd") or os.access("/usr/sbin/chronyd", os.X_OK)
     ):
@@ -703,9 +756,12 @@ def running_server(
 
         make_certificate(workdir)
         ke_port = free_tcp_port(host)
+    metrics_port = None
+    if variant.kind == "udptime" and variant.fmt == "roughtime":
+        metrics_port = free_tcp_port(host)
     cmd = pin(
         variant.cpus or SERVER_CPU,
-        server_command(variant, host, port, workdir, twistd, ke_port),
+        server_command(variant, host, port, workdir, twistd, ke_port, metrics_port),
     )
     log = workdir / "server.log"
     quiet_stdout = variant.kind in ("recipe_socketserver", "recipe_socket")
@@ -717,7 +773,17 @@ def running_server(
             stdout=subprocess.DEVNULL if quiet_stdout else log_file,
             stderr=log_file,
         )
-    server = Server(variant, proc, host, port, cmd, workdir, log, ke_port=ke_port)
+    server = Server(
+        variant,
+        proc,
+        host,
+        port,
+        cmd,
+        workdir,
+        log,
+        ke_port=ke_port,
+        metrics_port=metrics_port,
+    )
     try:
         try:
             server.ready_s = wait_ready(
@@ -725,6 +791,11 @@ def running_server(
             )
             if variant.nts:
                 nts_setup(server)
+            if variant.payload == "roughtime":
+                from roughtime_load import write_requests
+
+                server.payload_file = workdir / "roughtime-requests.bin"
+                write_requests(server.payload_file)
         except StartError as exc:
             PROCS.stop(proc)
             raise StartError(f"{exc}; log: {tail(log) or '(empty)'}") from None
@@ -755,7 +826,7 @@ def loadgen_command(
         "--port",
         str(server.port),
         "--payload",
-        server.variant.payload,
+        "empty" if server.variant.payload == "roughtime" else server.variant.payload,
         "--duration",
         f"{duration:g}",
         "--warmup",
@@ -799,11 +870,13 @@ def measure(server: Server, profile: Profile, sources: int) -> dict[str, Any]:
     load = loadgen_command(
         server, profile, duration=profile.duration, warmup=0, sources=sources
     )
+    signed0 = roughtime_counts(server)
     busy0 = cpu_busy_ticks()
     cpu0, t0 = proc_cpu_seconds(pid), time.monotonic()
     throughput = run_loadgen(load, timeout=profile.duration + 15)
     cpu1, t1 = proc_cpu_seconds(pid), time.monotonic()
     busy1 = cpu_busy_ticks()
+    signed1 = roughtime_counts(server)
     server_cpu = other_cpu = None
     if cpu0 is not None and cpu1 is not None:
         server_cpu = round(100.0 * (cpu1 - cpu0) / (t1 - t0), 1)
@@ -830,6 +903,7 @@ def measure(server: Server, profile: Profile, sources: int) -> dict[str, Any]:
         )
     return {
         "nts": server.nts,
+        "roughtime": roughtime_rates(signed0, signed1, t1 - t0),
         "throughput": throughput,
         "server_cpu_pct": server_cpu,
         "other_cpu_pct": other_cpu,
@@ -840,6 +914,91 @@ def measure(server: Server, profile: Profile, sources: int) -> dict[str, Any]:
         "commands": {"throughput": shlex.join(load), "latency": shlex.join(lat_cmd)},
         "cpu_pressure": cpu_pressure(),
     }
+
+
+def roughtime_counts(server: Server) -> dict[str, float] | None:
+    if server.metrics_port is None:
+        return None
+    from roughtime_load import scrape
+
+    return scrape(server.host, server.metrics_port)
+
+
+def roughtime_rates(
+    before: dict[str, float] | None, after: dict[str, float] | None, seconds: float
+) -> dict[str, float] | None:
+    from roughtime_load import rates
+
+    return rates(before, after, seconds)
+
+
+#: bench/profile_batch.py rows standing in for the benchmark's udptime rows.
+PROFILE_ROWS = {
+    "udptime ntp": "ntp",
+    "udptime ntp, rate limit off": "ntp-off",
+    "udptime ctime": "ctime",
+    "udptime ctime, rate limit off": "ctime-off",
+    "udptime time": "time",
+}
+
+
+def python_profile() -> dict[str, Any]:
+    """Python ns per datagram of the batch path, syscalls stubbed, per row.
+
+    Run in a child pinned to the server's CPU, with the same Python as the
+    server; best of five runs of 2,000 batches of 64 each.
+    """
+    cmd = pin(
+        SERVER_CPU,
+        [sys.executable, str(BENCH / "profile_batch.py"), *PROFILE_ROWS.values()],
+    )
+    result = subprocess.run(
+        cmd, capture_output=True, check=False, text=True, timeout=600
+    )
+    if result.returncode != 0:
+        return {"command": shlex.join(cmd), "error": result.stderr.strip()[-300:]}
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    return {
+        "command": shlex.join(cmd),
+        "python_ns": {r["row"]: r["python_ns_per_datagram"] for r in rows},
+    }
+
+
+def profile_table(report: dict[str, Any], rows: dict[str, Row]) -> list[str]:
+    """Per reply: the server's measured CPU, its Python, the kernel's rest."""
+    prof = report.get("profile_batch")
+    if not prof:
+        return []
+    lines = ["", "## Where a reply's CPU goes", ""]
+    if "error" in prof:
+        return [*lines, f"Profile failed: {cell(prof['error'], 300)}"]
+    lines += [
+        (
+            f"CPU: {report['machine']['cpu_model']}. Server CPU per reply is the "
+            "best round's server CPU time over its replies; Python is "
+            "`bench/profile_batch.py` (the same batch path, recvmmsg/sendmmsg "
+            "replaced by copies, best of 5); the kernel and the rest is the "
+            "difference (system calls, loopback delivery, the reactor)."
+        ),
+        "",
+        (
+            "| row | server CPU per reply ns | Python ns (syscalls stubbed) "
+            "| kernel and the rest ns | Python share |"
+        ),
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, key in PROFILE_ROWS.items():
+        python = prof["python_ns"].get(key)
+        row = rows.get(name)
+        per_cpu = per_cpu_second(row.best) if row and row.best else None
+        total = 1e9 / per_cpu if per_cpu else None
+        rest = total - python if total is not None and python is not None else None
+        share = f"{100 * python / total:.0f}%" if total and python else "–"
+        lines.append(
+            f"| {name} | {fmt_num(total)} | {fmt_num(python)} | {fmt_num(rest)} "
+            f"| {share} |"
+        )
+    return lines
 
 
 def cpu_pressure() -> str | None:
@@ -1099,6 +1258,13 @@ def ratios(rows: dict[str, Row]) -> dict[str, dict[str, float | None]]:
 
     recipe, ceiling, chrony = base(RECIPE), base(CEILING), base(CHRONYD)
     plain, chrony_nts = base(UDPTIME_NTP), base(CHRONYD_NTS)
+    roughly = base(ROUGHLY)
+    roughly_row = rows.get(ROUGHLY)
+    roughly_cpu = (
+        per_cpu_second(roughly_row.best)
+        if roughly_row is not None and roughly_row.best and roughly is not None
+        else None
+    )
     out: dict[str, dict[str, float | None]] = {}
     for name, row in rows.items():
         rate = row.rate if row.status == "ok" else None
@@ -1110,6 +1276,13 @@ def ratios(rows: dict[str, Row]) -> dict[str, dict[str, float | None]]:
         if row.variant.nts:
             out[name]["vs_udptime_ntp"] = div(rate, plain)
             out[name]["vs_chronyd_nts"] = div(rate, chrony_nts)
+        if row.variant.payload == "roughtime":
+            out[name]["vs_udptime_ntp"] = div(rate, plain)
+            out[name]["vs_roughly"] = div(rate, roughly)
+            per_cpu = (
+                per_cpu_second(row.best) if rate is not None and row.best else None
+            )
+            out[name]["vs_roughly_per_core"] = div(per_cpu, roughly_cpu)
     return out
 
 
@@ -1117,6 +1290,8 @@ TARGETS = (
     ("udptime ctime", "vs_recipe_socketserver", 3.0),
     ("udptime ctime", "vs_c_ceiling", 0.8),
     ("udptime ntp", "vs_chronyd", 0.9),
+    (UDPTIME_ROUGHTIME, "vs_roughly_per_core", 10.0),
+    (UDPTIME_ROUGHTIME, "vs_udptime_ntp", 0.5),
 )
 
 
@@ -1181,7 +1356,7 @@ def accuracy_cells(entry: dict[str, Any], phase: str) -> str:
 
 
 def nts_table(
-    rows: dict[str, Row], rat: dict[str, dict[str, float | None]]
+    rows: dict[str, Row], rat: dict[str, dict[str, float | None]], cpu: str = ""
 ) -> list[str]:
     """Authenticated NTP (NTS) against plain udptime NTP and chronyd's NTS."""
     nts_rows = [(n, r) for n, r in rows.items() if r.variant.nts and r.status == "ok"]
@@ -1196,7 +1371,7 @@ def nts_table(
             "Unique Identifier, one cookie, no placeholders; each checked once to "
             "get an authenticated reply, not a NAK) replayed by the load "
             "generator; the servers keep no per-request state, so every request "
-            "is opened, checked and answered with a fresh cookie."
+            f"is opened, checked and answered with a fresh cookie. {cpu}"
         ),
         "",
         (
@@ -1222,10 +1397,59 @@ def nts_table(
     return lines
 
 
+def roughtime_table(
+    rows: dict[str, Row], rat: dict[str, dict[str, float | None]]
+) -> list[str]:
+    """Roughtime servers under the same load: replies, signatures, batches."""
+    measured = [
+        (n, r)
+        for n, r in rows.items()
+        if r.variant.payload == "roughtime" and r.status == "ok"
+    ]
+    if not measured:
+        return []
+    lines = [
+        "",
+        "## Roughtime: signed replies",
+        "",
+        (
+            "64 valid requests of the minimum size (1024-byte packets, own nonces, "
+            "no SRV) replayed at both servers; every batch a server reads is one "
+            "Merkle tree and one Ed25519 signature. Signatures/s and mean batch: "
+            "udptime's /metrics over the measured interval (best round)."
+        ),
+        "",
+        (
+            "| server | replies/s | replies per server CPU-s | × roughly per core "
+            "| × udptime ntp | signatures/s | mean batch | server CPU | lost "
+            "| RTT p50 µs |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in measured:
+        best = row.best
+        assert best is not None
+        signed = best.get("roughtime") or {}
+        lat = row.best_latency or {}
+        r = rat[name]
+        lines.append(
+            f"| {name} | {fmt_num(row.rate)} | {fmt_num(per_cpu_second(best))} "
+            f"| {fmt_ratio(r.get('vs_roughly_per_core'))} "
+            f"| {fmt_ratio(r.get('vs_udptime_ntp'))} "
+            f"| {fmt_num(signed.get('signatures_per_s'))} "
+            f"| {fmt_num(signed.get('mean_batch'), '.1f')} "
+            f"| {fmt_num(best['server_cpu_pct'], '.0f')}% "
+            f"| {best['throughput']['lost']} | {fmt_num(lat.get('p50'), '.0f')} |"
+        )
+    return lines
+
+
 def markdown(report: dict[str, Any], rows: dict[str, Row]) -> str:
     m = report["machine"]
     p = report["profile"]
     rat = report["ratios"]
+    #: Beside every table: ratios differ between CPU models.
+    cpu = f"CPU: {m['cpu_model'] or 'unknown'}."
     pinning = (
         f"server on CPU {m['server_cpu']}, load generator on CPU {m['load_cpu']}"
         if m["pinned"]
@@ -1287,7 +1511,7 @@ def markdown(report: dict[str, Any], rows: dict[str, Row]) -> str:
     lines += [
         "",
         (
-            "replies/s: best round. server CPU: the server process's user+system "
+            f"{cpu} replies/s: best round. server CPU: the server process's user+system "
             "time over the measured interval (100% = one core); replies per server "
             "CPU-s divides by it. loadgen CPU: the "
             "load generator's. other CPU: busy time on the two CPUs that neither "
@@ -1318,8 +1542,10 @@ def markdown(report: dict[str, Any], rows: dict[str, Row]) -> str:
                     for r in row.rounds
                 )
                 lines.append(f"- {name}: {per}")
-    lines += nts_table(rows, rat)
-    lines += ["", "## Targets (reported, not asserted)", ""]
+    lines += nts_table(rows, rat, cpu)
+    lines += roughtime_table(rows, rat)
+    lines += profile_table(report, rows)
+    lines += ["", "## Targets (reported, not asserted)", "", cpu, ""]
     lines += ["| row | ratio | target | measured |", "|---|---|---:|---:|"]
     for name, key, target in TARGETS:
         value = rat.get(name, {}).get(key)
@@ -1336,7 +1562,8 @@ def markdown(report: dict[str, Any], rows: dict[str, Row]) -> str:
                 "Offsets are server minus local clock, as the client prints them; "
                 "client and server share one clock, so the ideal is 0. sntp: median "
                 "(max |offset|) of its samples; chronyd -Q: one combined estimate. "
-                "Loaded: the load generator at half the server's measured maximum."
+                "Loaded: the load generator at half the server's measured maximum. "
+                + cpu
             ),
             "",
             (
@@ -1461,6 +1688,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--no-accuracy", action="store_true", help="skip the NTP offset phase"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also measure udptime's Python per datagram with the system calls "
+        "stubbed (bench/profile_batch.py) and split each udptime row's CPU per "
+        "reply into Python and the kernel",
     )
     return parser.parse_args(argv)
 
@@ -1605,6 +1839,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         PROCS.stop_all()
 
+    profile_result = None
+    if args.profile and not interrupted:
+        print("bench: profiling the batch path (syscalls stubbed) ...", flush=True)
+        profile_result = python_profile()
     rat = ratios(rows)
     report: dict[str, Any] = {
         "command": command,
@@ -1640,6 +1878,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for n, k, t in TARGETS
         ],
         "accuracy": accuracy,
+        "profile_batch": profile_result,
     }
     png = out_dir / "results.png"
     note = chart(png, rows, rat)

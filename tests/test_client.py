@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import IO, Any, cast
 
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+import udptime
 from tests.support import REPO, Twistd, free_udp_port, poll_until_answered
 from udptime.client import (
     KissOfDeath,
@@ -517,11 +519,14 @@ class LoopbackTests(unittest.TestCase):
         self.assertEqual(len({addr for _, addr in sink.received}), 3)
 
 
-def run_cli(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, timeout: float = 20.0, stdout: int | IO[Any] = subprocess.PIPE
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "udptime", *args],
         check=False,
-        capture_output=True,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
         text=True,
         timeout=timeout,
         cwd=str(REPO),
@@ -533,11 +538,10 @@ class CommandLineTests(unittest.TestCase):
 
     def test_json_for_every_format(self) -> None:
         formats = ("ctime", "daytime", "time", "ntp")
-        ports = {fmt: free_udp_port() for fmt in formats}
         server = Twistd(
-            self,
-            ["udptime", *(f"--listen={f}@127.0.0.1:{p}" for f, p in ports.items())],
+            self, ["udptime", *(f"--listen={f}@127.0.0.1:0" for f in formats)]
         )
+        ports = dict(zip(formats, server.serving(len(formats)), strict=True))
         poll_until_answered("127.0.0.1", ports["ctime"], process=server.process)
         poll_until_answered(
             "127.0.0.1", ports["ntp"], ntp_request(bytes(8)), process=server.process
@@ -605,6 +609,70 @@ class CommandLineTests(unittest.TestCase):
             self.assertEqual(done.returncode, 2, args)
             self.assertIn("usage:", done.stderr, args)
             self.assertNotIn("Traceback", done.stderr, args)
+
+    def test_version(self) -> None:
+        done = run_cli("--version")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout, f"udptime {udptime.__version__}\n")
+
+    def test_help_names_every_exit_status(self) -> None:
+        for args in (("--help",), ("query", "--help")):
+            done = run_cli(*args)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            text = " ".join(done.stdout.split())
+            for status in ("0 answered", "1 no valid reply", "2 usage error"):
+                self.assertIn(status, text, args)
+            self.assertIn("3 answered but the result could not be written", text)
+
+
+class OutputErrorTests(unittest.TestCase):
+    """An answer that cannot be printed: exit 3 and one line, no traceback.
+
+    Exit 3 also shows that the query itself succeeded: without a valid reply
+    from the server this test started (on a port the kernel chose) it would
+    be 1.
+    """
+
+    def setUp(self) -> None:
+        server = Twistd(
+            self,
+            ["udptime", "--listen", "ctime@127.0.0.1:0", "--listen", "ntp@127.0.0.1:0"],
+        )
+        self.ctime, self.ntp = server.serving(2)
+        poll_until_answered("127.0.0.1", self.ctime, process=server.process)
+        poll_until_answered(
+            "127.0.0.1", self.ntp, ntp_request(bytes(8)), process=server.process
+        )
+
+    def assert_output_error(
+        self, done: subprocess.CompletedProcess[str], reason: str
+    ) -> None:
+        self.assertEqual(done.returncode, 3, done.stderr)
+        self.assertEqual(done.stderr, f"udptime: cannot write the result: {reason}\n")
+
+    def test_pipe_closed_before_the_result(self) -> None:
+        for args in (
+            ("-p", str(self.ctime)),
+            ("-p", str(self.ntp), "-f", "ntp", "--json"),
+        ):
+            read, write = os.pipe()
+            os.close(read)  # no reader left: the client's write gets EPIPE
+            try:
+                done = run_cli("query", "127.0.0.1", *args, stdout=write)
+            finally:
+                os.close(write)
+            self.assert_output_error(done, "Broken pipe")
+
+    def test_full_disk(self) -> None:
+        if not os.path.exists("/dev/full"):
+            raise unittest.SkipTest("no /dev/full")
+        for args in (
+            ("-p", str(self.ctime)),
+            ("-p", str(self.ntp), "-f", "ntp", "--json"),
+        ):
+            with open("/dev/full", "w") as full:
+                done = run_cli("query", "127.0.0.1", *args, stdout=full)
+            self.assert_output_error(done, "No space left on device")
 
 
 class DescribeTests(unittest.TestCase):

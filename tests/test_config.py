@@ -1,4 +1,4 @@
-"""The typed configuration: frozen, its parsers, its JSON for workers, --describe."""
+"""The typed configuration: frozen, its parsers, its JSON for workers; describe."""
 
 from __future__ import annotations
 
@@ -21,14 +21,15 @@ from udptime.config import (
     NtpConfig,
     NtsConfig,
     PolicyConfig,
+    RoughtimeConfig,
     coerce,
-    describe,
     parse_count,
     parse_ports,
     parse_positive,
     parse_seconds,
     parse_stratum,
 )
+from udptime.describe import describe
 from udptime.listenspec import ListenSpec
 from udptime.policy import RateLimit
 from udptime.worker import read_config
@@ -61,13 +62,16 @@ FULL = Config(
         tls_cert="/etc/cert.pem",
         tls_key="key with spaces ü.pem",
         keys_file="keys.json",
-        server_name="time.example",
+        key_secret="/run/credentials/udptime.service/nts-key-secret",
+        key_secret_accept="old secret.hex",
+        servers=(("time.example", None), ("::1", 1123)),
         rotate=3600.5,
         ke_rate_limit=None,
         ke_connections=5,
         ke_timeout=2.25,
     ),
     metrics=MetricsConfig("0.0.0.0", 9100),
+    roughtime=RoughtimeConfig(delegation_file="host.json", local_radius=7),
     workers=4,
     receive_buffer=0,
     batch=False,
@@ -101,7 +105,12 @@ class RecordTests(unittest.TestCase):
                 )
 
     def test_json_round_trip(self) -> None:
-        for config in (Config(), FULL, dataclasses.replace(FULL, nts=None)):
+        for config in (
+            Config(),
+            FULL,
+            dataclasses.replace(FULL, nts=None),
+            dataclasses.replace(FULL, roughtime=RoughtimeConfig(key_file="root.pem")),
+        ):
             text = config.to_json()
             self.assertNotIn("\n", text)  # one line on the worker's stdin
             self.assertEqual(Config.from_json(text), config)
@@ -186,7 +195,9 @@ class DescribeTests(unittest.TestCase):
     def test_describe(self) -> None:
         description = describe()
         self.assertEqual(description["version"], __version__)
-        self.assertEqual(description["formats"], ["ctime", "daytime", "ntp", "time"])
+        self.assertEqual(
+            description["formats"], ["ctime", "daytime", "ntp", "roughtime", "time"]
+        )
         options = description["options"]
         self.assertEqual(
             options["--port"],
@@ -199,12 +210,18 @@ class DescribeTests(unittest.TestCase):
         )
         self.assertFalse(options["--no-batch"]["value"])
         self.assertTrue(options["--listen"]["value"])
-        for name in ("--workers", "--nts-ke", "--allow", "--local-stratum"):
+        for name in (
+            "--workers",
+            "--nts-ke",
+            "--allow",
+            "--local-stratum",
+            "--roughtime-key",
+        ):
             self.assertIn(name, options)
 
     def test_command(self) -> None:
         done = subprocess.run(
-            [sys.executable, "-m", "udptime.config", "--describe"],
+            [sys.executable, "-m", "udptime.describe"],
             capture_output=True,
             check=True,
             timeout=60,

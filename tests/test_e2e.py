@@ -12,8 +12,8 @@ from twisted.trial import unittest
 
 from tests.support import (
     REPO,
+    NetworkNamespace,
     Twistd,
-    free_udp_port,
     poll_until_answered,
     query,
     twistd_command,
@@ -32,16 +32,6 @@ print(s.recvfrom(8192))
 """
 
 
-def run_recipe_client() -> str:
-    done = subprocess.run(
-        [sys.executable, "-c", RECIPE_CLIENT],
-        capture_output=True,
-        timeout=10,
-        check=True,
-    )
-    return done.stdout.decode()
-
-
 def assert_seconds_near(test: unittest.TestCase, reply: bytes) -> None:
     seconds = int.from_bytes(reply, "big")
     now = (int(time.time()) + EPOCH_1900_TO_1970) % 2**32
@@ -49,9 +39,18 @@ def assert_seconds_near(test: unittest.TestCase, reply: bytes) -> None:
 
 
 class RecipeClientTests(unittest.TestCase):
-    def check_recipe_client(self, server: Twistd) -> None:
-        poll_until_answered("127.0.0.1", 20000, process=server.process)
-        printed = run_recipe_client()
+    """The recipe's client dials port 20000, so server and client both run in
+    a private network namespace: there port 20000 is ours, and no server the
+    machine runs on 20000 can answer in our place."""
+
+    def check_recipe_client(
+        self, args: list[str], env: dict[str, str] | None = None
+    ) -> None:
+        namespace = NetworkNamespace(self)
+        server = Twistd(self, args, env=env, prefix=namespace.prefix)
+        namespace.poll_until_answered("127.0.0.1", 20000, process=server.process)
+        self.assertIn("serving ctime on UDP 0.0.0.0 port 20000", server.log_text())
+        printed = namespace.run([sys.executable, "-c", RECIPE_CLIENT]).stdout
         data, addr = eval(printed)  # the snippet prints a (bytes, address) tuple
         self.assertRegex(data, CTIME)
         self.assertEqual(addr, ("127.0.0.1", 20000))
@@ -60,28 +59,27 @@ class RecipeClientTests(unittest.TestCase):
         self.assertLess(server.terminate(), 1.0)
 
     def test_plugin_default(self) -> None:
-        self.check_recipe_client(Twistd(self, ["udptime", "--port", "20000"]))
+        self.check_recipe_client(["udptime", "--port", "20000"])
 
     def test_tac_default(self) -> None:
-        server = Twistd(self, ["-y", "udptime.tac"], env={"UDPTIME_OPTIONS": ""})
-        self.check_recipe_client(server)
+        self.check_recipe_client(["-y", "udptime.tac"], env={"UDPTIME_OPTIONS": ""})
 
 
 class PluginTests(unittest.TestCase):
     def test_every_format_and_startup_lines(self) -> None:
-        ports = [free_udp_port() for _ in range(3)]
         server = Twistd(
             self,
             [
                 "udptime",
                 "--listen",
-                f"ctime@127.0.0.1:{ports[0]}",
+                "ctime@127.0.0.1:0",
                 "--listen",
-                f"daytime@127.0.0.1:{ports[1]}",
+                "daytime@127.0.0.1:0",
                 "--listen",
-                f"time@127.0.0.1:{ports[2]}",
+                "time@127.0.0.1:0",
             ],
         )
+        ports = server.serving(3)
         self.assertRegex(
             poll_until_answered("127.0.0.1", ports[0], process=server.process), CTIME
         )
@@ -93,21 +91,20 @@ class PluginTests(unittest.TestCase):
         self.assertLess(server.terminate(), 1.0)
 
     def test_ipv6_loopback(self) -> None:
-        port = free_udp_port("::1")
         server = Twistd(
-            self,
-            ["udptime", "--interface", "::1", "--port", str(port), "-f", "daytime"],
+            self, ["udptime", "--interface", "::1", "--port", "0", "-f", "daytime"]
         )
+        (port,) = server.serving()
         self.assertRegex(
             poll_until_answered("::1", port, process=server.process), DAYTIME
         )
         self.assertLess(server.terminate(), 1.0)
 
     def test_ipv6_any_serves_ipv4_too(self) -> None:
-        port = free_udp_port("::1")
         server = Twistd(
-            self, ["udptime", "--interface", "::", "--port", str(port), "-f", "time"]
+            self, ["udptime", "--interface", "::", "--port", "0", "-f", "time"]
         )
+        (port,) = server.serving()
         assert_seconds_near(
             self, poll_until_answered("::1", port, process=server.process)
         )
@@ -115,8 +112,8 @@ class PluginTests(unittest.TestCase):
         self.assertIsNotNone(answer)
 
     def test_large_datagram_answered(self) -> None:
-        port = free_udp_port()
-        server = Twistd(self, ["udptime", "--listen", f"time@127.0.0.1:{port}"])
+        server = Twistd(self, ["udptime", "--listen", "time@127.0.0.1:0"])
+        (port,) = server.serving()
         poll_until_answered("127.0.0.1", port, process=server.process)
         answer = query("127.0.0.1", port, b"\0" * 65_507, timeout=2)
         self.assertIsNotNone(answer)
@@ -124,14 +121,12 @@ class PluginTests(unittest.TestCase):
         assert_seconds_near(self, answer[0])
 
     def test_tac_reads_environment(self) -> None:
-        port = free_udp_port()
         server = Twistd(
             self,
             ["-y", "udptime.tac"],
-            env={
-                "UDPTIME_OPTIONS": f"--port {port} --interface 127.0.0.1 --format time"
-            },
+            env={"UDPTIME_OPTIONS": "--port 0 --interface 127.0.0.1 --format time"},
         )
+        (port,) = server.serving()
         assert_seconds_near(
             self, poll_until_answered("127.0.0.1", port, process=server.process)
         )
@@ -208,3 +203,14 @@ class HelpTests(unittest.TestCase):
             cwd=str(REPO),
         )
         self.assertIn(b"udptime", done.stdout)
+
+    def test_plugin_help_has_no_empty_default(self) -> None:
+        done = subprocess.run(
+            [*twistd_command(), "udptime", "--help"],
+            capture_output=True,
+            check=False,
+            timeout=60,
+            cwd=str(REPO),
+        )
+        self.assertIn(b"--interface", done.stdout)
+        self.assertNotIn(b"[default: ]", done.stdout)

@@ -15,7 +15,7 @@ from twisted.trial import unittest
 from tests.support import Twistd, free_udp_port, poll_until_answered
 from udptime.counters import LatencyHistogram
 from udptime.formats import encode_ctime
-from udptime.metrics import parse_metrics_address
+from udptime.metrics import UdptimeCollector, parse_metrics_address
 
 
 def free_tcp_port() -> int:
@@ -159,6 +159,23 @@ class PieceTests(unittest.TestCase):
             histogram.cumulative(), [("0.001", 1.0), ("0.01", 3.0), ("+Inf", 4.0)]
         )
         self.assertAlmostEqual(histogram.total, 5.0045)
+
+    def test_roles_gauge(self) -> None:
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        registry = CollectorRegistry()
+        registry.register(UdptimeCollector(list, dict, dict, ["daytime", "nts-ke"]))
+        families = {
+            f.name: f
+            for f in text_string_to_metric_families(generate_latest(registry).decode())
+        }
+        samples = [(s.labels, s.value) for s in families["udptime_role"].samples]
+        self.assertEqual(
+            samples, [({"role": "daytime"}, 1.0), ({"role": "nts-ke"}, 1.0)]
+        )
+        empty = CollectorRegistry()
+        empty.register(UdptimeCollector(list, dict))
+        self.assertNotIn(b"udptime_role", generate_latest(empty))
 
     def test_metrics_address(self) -> None:
         self.assertEqual(parse_metrics_address("9100"), ("127.0.0.1", 9100))

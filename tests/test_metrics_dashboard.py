@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -12,6 +15,7 @@ from twisted.trial import unittest
 
 from tests.support import REPO
 from tests.test_metrics_site import http_get, serve_built, statuses
+from udptime.roughtime import keys
 
 DASHBOARD = REPO / "deploy" / "grafana" / "udptime.json"
 PLANNED = REPO / "deploy" / "grafana" / "planned-metrics.txt"
@@ -117,9 +121,16 @@ class DashboardTests(unittest.TestCase):
 
     async def exported(self) -> set[str]:
         """Sample names from a real scrape of the real server, built in-process."""
+        root = Path(tempfile.mkdtemp()) / "roughtime-root.pem"
+        self.addCleanup(shutil.rmtree, root.parent)
+        keys.write_root_key(root, keys.generate_key())
         _, port = await serve_built(
-            self, "--listen", "ntp@127.0.0.1:0", "--listen", "ctime@127.0.0.1:0"
-        )
+            self,
+            "--listen", "ntp@127.0.0.1:0",
+            "--listen", "ctime@127.0.0.1:0",
+            "--listen", "roughtime@127.0.0.1:0",
+            "--roughtime-key", str(root),
+        )  # fmt: skip
         reply = await http_get(port, b"/metrics")
         self.assertEqual(statuses(reply), [200])
         body = reply.split(b"\r\n\r\n", 1)[1].decode()

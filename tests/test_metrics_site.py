@@ -388,7 +388,7 @@ class StartupErrorTests(unittest.TestCase):
     """A real ``twistd``: one line and exit 1, no traceback, for each failure."""
 
     def assert_one_line(
-        self, metrics: str, why: str, prefix: list[str] | None = None
+        self, metrics: str, where: str, why: str, prefix: list[str] | None = None
     ) -> None:
         code, output = _run_twistd(
             ["--listen", "ctime@127.0.0.1:0", "--metrics", metrics], prefix
@@ -397,7 +397,9 @@ class StartupErrorTests(unittest.TestCase):
         self.assertNotIn("Traceback", output)
         lines = [line for line in output.splitlines() if "udptime:" in line]
         self.assertEqual(len(lines), 1, output)
-        self.assertRegex(lines[0], f"udptime: cannot serve metrics on {why}$")
+        self.assertRegex(
+            lines[0], f"udptime: cannot listen on TCP {where} \\(metrics\\): {why}$"
+        )
 
     def test_busy_port(self) -> None:
         with socket.socket() as busy:
@@ -405,11 +407,15 @@ class StartupErrorTests(unittest.TestCase):
             busy.listen()
             port = busy.getsockname()[1]
             self.assert_one_line(
-                f"127.0.0.1:{port}", f"127\\.0\\.0\\.1:{port}: Address already in use"
+                f"127.0.0.1:{port}",
+                f"127\\.0\\.0\\.1:{port}",
+                "Address already in use",
             )
 
     def test_unresolvable_host(self) -> None:
-        self.assert_one_line("no-such-host.invalid:0", r"no-such-host\.invalid:0: \S.*")
+        self.assert_one_line(
+            "no-such-host.invalid:0", r"no-such-host\.invalid:0", r"\S.*"
+        )
 
     def test_privileged_port_as_non_root(self) -> None:
         if os.geteuid() != 0 or shutil.which("setpriv") is None:
@@ -421,7 +427,8 @@ class StartupErrorTests(unittest.TestCase):
             raise unittest.SkipTest("no free privileged port on 127.0.0.1")
         self.assert_one_line(
             f"127.0.0.1:{port}",
-            f"127\\.0\\.0\\.1:{port}: Permission denied",
+            f"127\\.0\\.0\\.1:{port}",
+            "Permission denied",
             ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups"],
         )
 

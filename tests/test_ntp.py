@@ -22,6 +22,8 @@ from udptime.ntp import (
     ServerState,
     build_kiss,
     build_reply,
+    fixed_from_ns,
+    fixed_from_ns_many,
     from_ntp,
     ns_from_ntp,
     ntp_from_ns,
@@ -545,3 +547,11 @@ class BatchResponderTests(unittest.TestCase):
                 assert batched is not None
                 self.assertEqual(batched[:40], plain[:40])
                 self.assertEqual(batched[40:], bytes(8))
+
+
+class ManyStampsTests(unittest.TestCase):
+    @given(st.lists(st.integers(-(2**66), 2**66), max_size=70))
+    def test_same_as_one_at_a_time(self, stamps: list[int]) -> None:
+        self.assertEqual(
+            fixed_from_ns_many(stamps), [fixed_from_ns(ns) for ns in stamps]
+        )

@@ -19,19 +19,19 @@ class NtsRateKissTests(unittest.TestCase):
             raise unittest.SkipTest("chronyd is not installed (.ci/run installs it)")
         directory = Path(tempfile.mkdtemp(prefix="udptime-nts-kiss-"))
         self.addCleanup(shutil.rmtree, directory, True)
-        server = NtsServer(self, directory, extra=("--rate-limit", "1/2"))
+        server = NtsServer(self, directory, extra=("--rate-limit", "0.1/1"))
         self.addCleanup(server.stop)
         conf = directory / "chrony.conf"
         conf.write_text(
             f"server 127.0.0.1 port {server.ntp_port} nts ntsport {server.ke_port} "
-            "iburst minpoll -6 maxpoll -6 maxsamples 4\n"
+            "iburst minpoll -6 maxpoll -6 maxsamples 8\n"
             f"ntstrustedcerts {server.cert}\n"
             f"ntsdumpdir {directory}\n"
             f"pidfile {directory}/chronyd.pid\n"
             "cmdport 0\n"
         )
-        # 64 requests a second against 1 a second with a burst of 2: the
-        # third request is over the limit and draws the kiss.
+        # 64 requests a second against one every 10 s with a burst of 1: the
+        # second request is over the limit and draws the kiss.
         done = subprocess.run(
             [CHRONYD, "-Q", "-d", "-f", str(conf), "-t", "10", "-u", "root"],
             capture_output=True,

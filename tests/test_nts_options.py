@@ -20,13 +20,23 @@ from twisted.trial import unittest
 from tests.test_nts_support import make_certificate
 from udptime.config import Config, NtsConfig
 from udptime.ntp import ServerState
+from udptime.nts.certificate import CertificateService
 from udptime.nts.cookies import DEFAULT_ROTATE
-from udptime.nts.ke import DEFAULT_KE_RATE_LIMIT, DEFAULT_MAX_CONNECTIONS
+from udptime.nts.derivedkeys import derived_key_set
+from udptime.nts.ke import (
+    DEFAULT_KE_RATE_LIMIT,
+    DEFAULT_MAX_CONNECTIONS,
+    KeSettings,
+    server_settings,
+)
 from udptime.nts.keyfile import KeyFileService
+from udptime.nts.keysecret import KeySecretService
 from udptime.nts.options import (
+    KE_BACKLOG,
     KeService,
     nts_services,
     parse_ke_address,
+    parse_ntp_server,
 )
 from udptime.nts.responder import NtsResponder
 from udptime.policy import RateLimit
@@ -100,7 +110,6 @@ class CheckTests(unittest.TestCase):
                 tls_cert=str(self.cert),
                 tls_key=str(self.key),
                 keys_file=str(self.keys),
-                server_name=None,
                 rotate=DEFAULT_ROTATE,
                 ke_rate_limit=DEFAULT_KE_RATE_LIMIT,
                 ke_connections=DEFAULT_MAX_CONNECTIONS,
@@ -120,6 +129,12 @@ class CheckTests(unittest.TestCase):
                 "7",
                 "--nts-ke-timeout",
                 "2.5",
+                "--nts-ke-first-byte-timeout",
+                "0.5",
+                "--nts-ke-handshake-timeout",
+                "1.5",
+                "--nts-ke-per-source",
+                "2",
             )
         )
         nts = options.nts
@@ -129,7 +144,19 @@ class CheckTests(unittest.TestCase):
         self.assertEqual(nts.ke_rate_limit, RateLimit(1.0, 5))
         self.assertEqual(nts.ke_connections, 7)
         self.assertEqual(nts.ke_timeout, 2.5)
-        self.assertEqual(nts.server_name, "ntp.example")
+        self.assertEqual(
+            (nts.ke_first_byte_timeout, nts.ke_handshake_timeout), (0.5, 1.5)
+        )
+        self.assertEqual(nts.ke_per_source, 2)
+        ke = nts_services(options, reactor, 123)[0][1]
+        assert isinstance(ke, KeService)
+        self.assertEqual(
+            (ke.factory.ke.first_byte_timeout, ke.factory.ke.handshake_timeout),
+            (0.5, 1.5),
+        )
+        slots = ke.factory.slots
+        self.assertEqual((slots.total, slots.per_address, slots.per_network), (7, 2, 8))
+        self.assertEqual(nts.servers, (("ntp.example", None),))
         off = self.parse(*self.nts("--nts-ke-rate-limit", "off")).nts
         assert off is not None
         self.assertIsNone(off.ke_rate_limit)
@@ -152,6 +179,9 @@ class CheckTests(unittest.TestCase):
             self.nts("--nts-keys", ""),
             self.nts("--tls-cert", str(self.dir / "nope.pem")),
             self.nts("--tls-key", str(self.cert)),
+            self.nts("--nts-ke-first-byte-timeout", "0"),
+            self.nts("--nts-ke-handshake-timeout", "soon"),
+            self.nts("--nts-ke-per-source", "0"),
         ]
         for args in bad:
             with self.assertRaises(usage.UsageError, msg=args) as caught:
@@ -183,15 +213,20 @@ class CheckTests(unittest.TestCase):
         with self.assertRaises(usage.UsageError) as caught:
             options.parseOptions(["--listen", "time@127.0.0.1:0", *self.nts()])
         self.assertEqual(
-            str(caught.exception), "--nts-ke needs an ntp listener (--listen ntp@...)"
+            str(caught.exception),
+            "--nts-ke needs an ntp listener (--listen ntp@...), or --nts-server "
+            "naming the hosts that serve NTP",
         )
 
     def test_services(self) -> None:
         options = self.parse(*self.nts())
         services, cookies = nts_services(options, reactor, 20123)
-        self.assertEqual([s.name for s in services], ["nts-keys", "nts-ke"])
-        keys, ke = services
+        self.assertEqual(
+            [s.name for s in services], ["nts-keys", "nts-ke", "nts-certificate"]
+        )
+        keys, ke, certificate = services
         assert isinstance(keys, KeyFileService) and isinstance(ke, KeService)
+        assert isinstance(certificate, CertificateService)
         assert cookies is not None
         local = ServerState(0, 10, -20, 0.0, 0.01, b"LOCL", None)
         ntp = NtpResponder(lambda: local, lambda: 0)
@@ -207,6 +242,11 @@ class CheckTests(unittest.TestCase):
         self.assertEqual(len(keys.holder.key_set.keys), 2)  # current and next
         self.assertIs(ke.factory.ke.keys, keys.holder)
         self.assertGreater(ke.bound_port, 0)
+        self.assertEqual(ke.kwargs["backlog"], KE_BACKLOG)
+        # A reload installs the pair where new handshakes take their context.
+        context = ke.factory.creator.context
+        self.assertIn("new handshakes present CN=localhost", certificate.reload())
+        self.assertIsNot(ke.factory.creator.context, context)
 
     def test_unusable_keys_file_at_start(self) -> None:
         options = self.parse(*self.nts())
@@ -224,7 +264,11 @@ class CheckTests(unittest.TestCase):
         self.patch(sys, "stderr", stderr)
         with self.assertRaises(SystemExit):
             nts_services(options, reactor, 123)
-        self.assertIn("TLS certificate or key", stderr.getvalue())
+        self.assertEqual(
+            stderr.getvalue(),
+            f"udptime: --tls-key {str(self.dir / 'gone.pem')!r}: cannot read it: "
+            "No such file or directory\n",
+        )
 
     def test_workers_get_no_ke(self) -> None:
         options = self.parse(*self.nts())
@@ -246,3 +290,159 @@ class CheckTests(unittest.TestCase):
             second[1].privilegedStartService()
         self.assertIn("udptime: cannot listen on TCP 127.0.0.1:", stderr.getvalue())
         self.assertIn("(NTS-KE)", stderr.getvalue())
+
+
+SECRET = bytes(range(32))
+
+
+class ServerListTests(unittest.TestCase):
+    def test_parse(self) -> None:
+        for text, expected in (
+            ("ntp.example", ("ntp.example", None)),
+            ("ntp.example:1123", ("ntp.example", 1123)),
+            ("192.0.2.1:123", ("192.0.2.1", 123)),
+            ("[2001:db8::1]:1123", ("2001:db8::1", 1123)),
+            ("[2001:db8::1]", ("2001:db8::1", None)),
+            ("2001:db8::1", ("2001:db8::1", None)),
+        ):
+            self.assertEqual(parse_ntp_server(text), expected, text)
+        for text in ("", "a b", "host:", "host:x", "host:0", "host:70000", "[::1"):
+            with self.assertRaises(ValueError, msg=text):
+                parse_ntp_server(text)
+
+    def test_choice_by_client_address(self) -> None:
+        """Stable per client, spread over clients, and taking a server out
+        moves only its own clients (rendezvous hashing)."""
+        base = KeSettings(ntp_port=20123)
+        servers = [("a.example", None), ("b.example", 1123), ("c.example", None)]
+        clients = [f"192.0.2.{n}" for n in range(200)]
+        chosen = {c: server_settings(base, servers, c) for c in clients}
+        self.assertEqual(
+            chosen, {c: server_settings(base, servers, c) for c in clients}
+        )
+        names = [s.ntp_server for s in chosen.values()]
+        for name in ("a.example", "b.example", "c.example"):
+            self.assertGreater(names.count(name), 30, name)
+        for settings in chosen.values():
+            expected = 1123 if settings.ntp_server == "b.example" else 20123
+            self.assertEqual(settings.ntp_port, expected)
+        without_b = [s for s in servers if s[0] != "b.example"]
+        for client, settings in chosen.items():
+            if settings.ntp_server != "b.example":
+                self.assertEqual(server_settings(base, without_b, client), settings)
+        self.assertIs(server_settings(base, [], "192.0.2.1"), base)
+
+
+class RoleTests(unittest.TestCase):
+    """NTS-KE only, NTS on NTP only, and the fleet secret instead of the file."""
+
+    def setUp(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="udptime-nts-roles-"))
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.cert, self.key = make_certificate(self.dir)
+        self.secret = self.dir / "fleet.secret"
+        self.secret.write_text(SECRET.hex() + "\n")
+        self.secret.chmod(0o600)
+
+    def parse(self, *args: str) -> Config:
+        options = Options()
+        options.parseOptions(list(args))
+        return options.config
+
+    def ke(self, *args: str) -> list[str]:
+        return [
+            "--nts-ke",
+            "127.0.0.1:0",
+            "--tls-cert",
+            str(self.cert),
+            "--tls-key",
+            str(self.key),
+            *args,
+        ]
+
+    def test_ke_only(self) -> None:
+        config = self.parse(
+            "--listen",
+            "daytime@127.0.0.1:0",
+            *self.ke("--nts-key-secret", str(self.secret)),
+            "--nts-keys",
+            str(self.dir / "keys.json"),
+            "--nts-server",
+            "127.0.1.2:1123",
+            "--nts-server",
+            "ntp.example",
+        )
+        nts = config.nts
+        assert nts is not None
+        self.assertEqual(nts.servers, (("127.0.1.2", 1123), ("ntp.example", None)))
+        self.assertEqual(Config.from_json(config.to_json()), config)
+        services, cookies = nts_services(config, reactor, 123)
+        keys, ke, _certificate = services
+        assert isinstance(keys, KeySecretService) and isinstance(ke, KeService)
+        self.assertEqual(ke.factory.ke.servers, nts.servers)
+        keys.startService()
+        self.addCleanup(keys.stopService)
+        self.assertEqual(
+            keys.holder.key_set,
+            derived_key_set(SECRET, reactor.seconds(), rotate=nts.rotate),
+        )
+        self.assertIs(cookies, keys.holder)
+        # The secret replaces the keys file: none is read or written.
+        self.assertFalse((self.dir / "keys.json").exists())
+
+    def test_ke_only_needs_servers(self) -> None:
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse("--listen", "daytime@127.0.0.1:0", *self.ke())
+        self.assertIn(
+            "--nts-server naming the hosts that serve NTP", str(caught.exception)
+        )
+
+    def test_ntp_only(self) -> None:
+        config = self.parse(
+            "--listen", "ntp@127.0.0.1:0", "--nts", "--nts-key-secret", str(self.secret)
+        )
+        nts = config.nts
+        assert nts is not None
+        self.assertIsNone(nts.ke_port)
+        self.assertIsNone(nts.tls_cert)
+        self.assertEqual(Config.from_json(config.to_json()), config)
+        services, cookies = nts_services(config, reactor, 123)
+        self.assertEqual([s.name for s in services], ["nts-keys"])
+        self.assertIsNotNone(cookies)
+
+    def test_refused(self) -> None:
+        bad_mode = self.dir / "open.secret"
+        bad_mode.write_text(SECRET.hex())
+        bad_mode.chmod(0o644)
+        short = self.dir / "short.secret"
+        short.write_text("abcd")
+        short.chmod(0o600)
+        ntp = ["--listen", "ntp@127.0.0.1:0"]
+        cases = {
+            ("--nts",): "--nts needs an ntp listener (--listen ntp@...)",
+            (*ntp, "--nts-key-secret", str(self.secret)): (
+                "--nts-key-secret: only used with --nts-ke or --nts"
+            ),
+            (*ntp, "--nts", "--tls-cert", str(self.cert)): (
+                "--tls-cert: only used with --nts-ke"
+            ),
+            (
+                *ntp,
+                "--nts",
+                "--nts-server",
+                "x",
+            ): "--nts-server: only used with --nts-ke",
+            (*ntp, "--nts", "--nts-key-secret-accept", str(self.secret)): (
+                "--nts-key-secret-accept needs --nts-key-secret"
+            ),
+        }
+        for args, message in cases.items():
+            with self.assertRaises(usage.UsageError, msg=args) as caught:
+                self.parse(*args)
+            self.assertEqual(str(caught.exception), message)
+        for path, why in ((bad_mode, "mode 0644"), (short, "at least 32 bytes")):
+            with self.assertRaises(usage.UsageError) as caught:
+                self.parse(*ntp, "--nts", "--nts-key-secret", str(path))
+            message = str(caught.exception)
+            self.assertTrue(message.startswith(f"--nts-key-secret {str(path)!r}: "))
+            self.assertIn(why, message)

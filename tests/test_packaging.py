@@ -10,6 +10,7 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
+import udptime
 from tests.support import REPO
 
 DISCOVER = """
@@ -74,3 +75,18 @@ class PipInstallTests(unittest.TestCase):
                 )
             )
         )
+        # The console script, and the licence travels with the metadata.
+        version = subprocess.run(
+            [str(venv / "bin" / "udptime"), "--version"],
+            capture_output=True,
+            check=False,
+            cwd=str(root),
+            timeout=120,
+            text=True,
+        )
+        self.assertEqual(version.stdout, f"udptime {udptime.__version__}\n")
+        licences = list(
+            (venv / "lib").glob("python3*/site-packages/udptime-*.dist-info/**/LICENSE")
+        )
+        self.assertEqual(len(licences), 1)
+        self.assertIn("MIT License", licences[0].read_text())

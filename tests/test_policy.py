@@ -7,6 +7,7 @@ import tracemalloc
 from collections import OrderedDict
 from fractions import Fraction
 from itertools import pairwise
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -692,3 +693,131 @@ class PropertyTests(unittest.TestCase):
                 policy.admit(packed, port, now, can_kiss, echoes), Decision
             )
             self.assertLessEqual(len(policy), size)
+
+
+def table_state(policy: Policy) -> list[tuple[bytes, tuple[float, float, int, float]]]:
+    """The table in order, compact entries spelled out as the bucket they stand for."""
+    burst = float(policy.rate_limit.burst) if policy.rate_limit else 0.0
+    out = []
+    for key, value in policy._table.items():
+        if isinstance(value, list):
+            out.append((key, (burst - 1.0, value[0], 0, float("-inf"))))
+        else:
+            out.append((key, (value.tokens, value.stamp, value.over, value.kissed)))
+    return out
+
+
+v4_pool = [bytes([192, 0, 2, i]) for i in range(1, 9)] + [bytes([10, 0, 0, 1])]
+v6_pool = [
+    bytes.fromhex("20010db8000000010000000000000001"),
+    bytes.fromhex("20010db8000000010000000000000002"),  # same /64
+    bytes.fromhex("20010db8000000020000000000000001"),
+    bytes.fromhex("20010db8000000030000000000000009"),
+    bytes.fromhex("20010db8000000000000000000000002"),  # denied /128
+]
+mapped_pool = [bytes(10) + b"\xff\xff" + a for a in v4_pool]
+
+
+class BatchAdmissionTests(unittest.TestCase):
+    """admit_batch decides and leaves the table exactly as admit one by one."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        pool=st.sampled_from([v4_pool, v6_pool, mapped_pool, v6_pool + mapped_pool]),
+        batches=st.lists(
+            st.tuples(
+                st.one_of(
+                    st.sampled_from([0.0, 1e-9, 0.05, 0.1, 0.1000001, 0.25, 1.0, 7.0]),
+                    st.floats(-2.0, 10.0),
+                ),
+                st.lists(
+                    st.tuples(st.integers(0, 8), st.sampled_from([40000, 123, 7, 0])),
+                    min_size=1,
+                    max_size=12,
+                ),
+            ),
+            min_size=1,
+            max_size=12,
+        ),
+        limit=st.sampled_from(
+            [
+                None,
+                RateLimit(10, 50),
+                RateLimit(10, 1),
+                RateLimit(2, 3),
+                RateLimit(1e3, 2),
+            ]
+        ),
+        size=st.sampled_from([2, 4, 64]),
+        leak=st.sampled_from([0, 2]),
+        acl=st.booleans(),
+        can_kiss=st.booleans(),
+        echoes=st.booleans(),
+    )
+    def test_same_as_one_by_one(
+        self,
+        pool: list[bytes],
+        batches: list[tuple[float, list[tuple[int, int]]]],
+        limit: RateLimit | None,
+        size: int,
+        leak: int,
+        acl: bool,
+        can_kiss: bool,
+        echoes: bool,
+    ) -> None:
+        def make() -> Policy:
+            return Policy(
+                limit,
+                table_size=size,
+                leak=leak,
+                deny=["10.0.0.0/8", "2001:db8::2/128"] if acl else [],
+                deny_kiss=True,
+            )
+
+        batched, single = make(), make()
+        now = 1000.0
+        for step, items in batches:
+            now += step
+            packed = [pool[i % len(pool)] for i, _ in items]
+            ports = [p for _, p in items]
+            expected = [
+                single.admit(a, p, now, can_kiss, echoes) for a, p in zip(packed, ports)
+            ]
+            got = batched.admit_batch(packed, ports, now, can_kiss, echoes)
+            self.assertEqual([ANSWER] * len(items) if got is None else got, expected)
+            self.assertEqual(table_state(batched), table_state(single))
+
+    def test_full_sources_are_decided_without_admit(self) -> None:
+        calls: list[bytes] = []
+
+        class Counting(Policy):
+            def admit(self, packed: bytes, *args: Any) -> Decision:
+                calls.append(packed)
+                return super().admit(packed, *args)
+
+        policy = Counting(RateLimit(10, 50))
+        sources = [n.to_bytes(4, "big") for n in range(1, 65)]
+        ports = [CLIENT_PORT] * 64
+        self.assertIsNone(policy.admit_batch(sources, ports, 0.0, True, False))
+        self.assertEqual(len(calls), 64)  # new sources: one by one
+        calls.clear()
+        self.assertIsNone(policy.admit_batch(sources, ports, 0.5, True, False))
+        self.assertEqual(calls, [])
+        # Back within a tenth of a second, no source is sure to be full.
+        self.assertIsNone(policy.admit_batch(sources, ports, 0.55, True, False))
+        self.assertEqual(len(calls), 64)
+
+    def test_sources_over_their_limit_alone_take_admit(self) -> None:
+        policy = Policy(RateLimit(1, 1))
+        sources = [bytes([192, 0, 2, n]) for n in range(1, 9)]
+        ports = [CLIENT_PORT] * 8
+        policy.admit_batch(sources, ports, 0.0, True, False)
+        # Source 1 comes back at once: over its limit, kissed.
+        self.assertEqual(
+            policy.admit_batch(sources[:1], ports[:1], 0.0, True, False), [KISS]
+        )
+        # Half a second on: over again, within its kiss period; source 2 over.
+        self.assertEqual(
+            policy.admit_batch(sources[:2], ports[:2], 0.5, True, False), [DROP, KISS]
+        )
+        self.assertIsNone(policy.admit_batch(sources, ports, 2.0, True, False))

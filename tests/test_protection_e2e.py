@@ -17,6 +17,7 @@ from pathlib import Path
 from twisted.trial import unittest
 
 from tests.support import (
+    NetworkNamespace,
     Twistd,
     free_udp_port,
     poll_until_answered,
@@ -246,6 +247,8 @@ class LoopTests(unittest.TestCase):
 class PrivilegeTests(unittest.TestCase):
     def test_uid_gid_drop_after_binding_port_37(self) -> None:
         require_root()
+        # Port 37 in a namespace of our own: free, and only our server answers.
+        namespace = NetworkNamespace(self)
         server = Twistd(
             self,
             [
@@ -257,8 +260,9 @@ class PrivilegeTests(unittest.TestCase):
                 "--listen",
                 "time@127.0.0.1:37",
             ],
+            prefix=namespace.prefix,
         )
-        poll_until_answered("127.0.0.1", 37, process=server.process)
+        namespace.poll_until_answered("127.0.0.1", 37, process=server.process)
         status = Path(f"/proc/{server.process.pid}/status").read_text()
         uids = re.search(r"^Uid:\s+(\d+)\s+(\d+)\s+(\d+)", status, re.MULTILINE)
         assert uids is not None

@@ -276,6 +276,8 @@ class PolicyInFrontTests(unittest.TestCase):
 class FakeReceiver:
     """What ``TimeProtocol.batch_received`` reads from a ``Receiver``, as lists."""
 
+    batch = 64
+
     def __init__(self, items: list[tuple[bytes, bytes, int, int]]) -> None:
         self.items = items
 
@@ -302,11 +304,23 @@ class FakeSender:
         complete: Collection[int] = (),
     ) -> int:
         stamped = stamp() if stamp is not None else None
-        self.sent = [
+        sent = [
             r[:-8] + stamped if r is not None and stamped and i not in complete else r
             for i, r in enumerate(replies)
         ]
+        for i, reply in enumerate(sent):  # a later send adds to the batch's
+            if reply is not None or i >= len(self.sent):
+                self.put(i, reply)
         return 0
+
+    def send_one(self, slot: int, reply: bytes) -> int:
+        """A sealed reply (``udptime.core.Sealer``), sent on its own."""
+        self.put(slot, reply)
+        return 0
+
+    def put(self, slot: int, reply: bytes | None) -> None:
+        self.sent.extend([None] * (slot + 1 - len(self.sent)))
+        self.sent[slot] = reply
 
 
 def ntp_request(poll: int = 6) -> bytes:

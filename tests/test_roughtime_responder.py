@@ -3,15 +3,19 @@ round trips through the client's verification."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from udptime.roughtime import keys, verify, wire
 from udptime.roughtime.responder import (
+    BATCH_BUCKETS,
     MAX_TREE_LEAVES,
     ClockState,
     RoughtimeResponder,
+    _layout,
 )
 
 NOW = 1_800_000_000
@@ -274,3 +278,155 @@ class DelegationWindowTests(unittest.TestCase):
         r = responder(now_ns=(mint - 1) * NS)
         self.assertIsNone(r.answer(request(), (mint - 1) * NS))
         self.assertEqual(r.counters.not_yet_valid, 1)
+
+
+class FastPathTests(unittest.TestCase):
+    """Requests whose header the responder has seen are checked by slicing;
+    every outcome must be what a full parse gives."""
+
+    def test_batch_size_histogram(self) -> None:
+        r = responder()
+        r.answer_batch([request(n) for n in range(3)], [NOW * NS] * 3)
+        r.answer(request(9), NOW * NS)
+        self.assertEqual(r.batch_sizes[BATCH_BUCKETS.index(1)], 1)
+        self.assertEqual(r.batch_sizes[BATCH_BUCKETS.index(4)], 1)
+        self.assertEqual(sum(r.batch_sizes), 2)
+
+    def test_header_cached_once(self) -> None:
+        r = responder()
+        for n in range(5):
+            self.assertIsNotNone(r.answer(request(n, public_key=ROOT_PUBLIC), NOW * NS))
+        self.assertEqual(len(r._layouts), 1)
+
+    def test_replies_as_the_wire_module_builds_them(self) -> None:
+        r = responder()
+        queries = [request(n) for n in range(5)]
+        replies, _ = r.answer_batch(queries, [NOW * NS] * 5)
+        for n, (query, reply) in enumerate(zip(queries, replies, strict=True)):
+            assert reply is not None
+            parsed = wire.parse_response(reply)
+            self.assertEqual(parsed.index, n)
+            self.assertEqual(
+                reply,
+                wire.encode_response(
+                    signature=parsed.signature,
+                    nonce=parsed.nonce,
+                    path=b"".join(parsed.path),
+                    srep=parsed.srep,
+                    cert=DELEGATION.cert,
+                    index=n,
+                ),
+            )
+            verify.verify_response(query, reply, ROOT_PUBLIC)
+
+    @settings(max_examples=300)
+    @given(
+        with_srv=st.booleans(),
+        edits=st.lists(
+            st.tuples(
+                st.sampled_from(["header", "ver", "srv", "nonce", "type", "any"]),
+                st.integers(0, 1023),
+                st.integers(0, 255),
+            ),
+            max_size=3,
+        ),
+        wrong_key=st.booleans(),
+    )
+    def test_same_outcome_as_a_full_parse(
+        self, with_srv: bool, edits: list[tuple[str, int, int]], wrong_key: bool
+    ) -> None:
+        key = keys.public_bytes(keys.generate_key()) if wrong_key else ROOT_PUBLIC
+        warm = responder()
+        self.assertIsNotNone(warm.answer(request(1, public_key=ROOT_PUBLIC), NOW * NS))
+        self.assertIsNotNone(warm.answer(request(2), NOW * NS))
+        query = bytearray(request(3, public_key=key if with_srv else None))
+        layout = _layout(bytes(query))
+        assert layout is not None
+        spans = {
+            "header": (0, layout.ver[0]),
+            "ver": layout.ver,
+            "srv": layout.srv or layout.nonce,
+            "nonce": layout.nonce,
+            "type": layout.kind,
+            "any": (0, len(query)),
+        }
+        for field, offset, value in edits:
+            start, end = spans[field]
+            query[start + offset % (end - start)] = value
+        cold = responder()
+        before = dataclasses.asdict(warm.counters)
+        fast = warm.answer(bytes(query), NOW * NS)
+        full = cold.answer(bytes(query), NOW * NS)
+        self.assertEqual(fast, full)
+        after = dataclasses.asdict(warm.counters)
+        changed = {k: after[k] - before[k] for k in after if after[k] != before[k]}
+        self.assertEqual(
+            changed,
+            {k: v for k, v in dataclasses.asdict(cold.counters).items() if v},
+        )
+
+    @settings(max_examples=200)
+    @given(
+        with_srv=st.booleans(),
+        edits=st.lists(
+            st.tuples(
+                st.integers(0, 3),
+                st.sampled_from(["header", "ver", "srv", "nonce", "type", "any"]),
+                st.integers(0, 1023),
+                st.integers(0, 255),
+            ),
+            max_size=3,
+        ),
+        grow=st.tuples(st.integers(0, 3), st.sampled_from([0, 0, 4, 8])),
+    )
+    def test_batch_same_outcome_as_one_by_one(
+        self,
+        with_srv: bool,
+        edits: list[tuple[int, str, int, int]],
+        grow: tuple[int, int],
+    ) -> None:
+        """A batch whose requests share a known header is checked a column
+        at a time; each request must fare as it would alone."""
+        warm = responder()
+        self.assertIsNotNone(warm.answer(request(1, public_key=ROOT_PUBLIC), NOW * NS))
+        self.assertIsNotNone(warm.answer(request(2), NOW * NS))
+        srv = ROOT_PUBLIC if with_srv else None
+        batch = [bytearray(request(10 + k, public_key=srv)) for k in range(4)]
+        layout = _layout(bytes(batch[0]))
+        assert layout is not None
+        spans = {
+            "header": (0, layout.ver[0]),
+            "ver": layout.ver,
+            "srv": layout.srv or layout.nonce,
+            "nonce": layout.nonce,
+            "type": layout.kind,
+            "any": (0, len(batch[0])),
+        }
+        for which, field, offset, value in edits:
+            start, end = spans[field]
+            batch[which][start + offset % (end - start)] = value
+        batch[grow[0]].extend(bytes(grow[1]))  # the frame's length now lies
+        queries = [bytes(q) for q in batch]
+        before = dataclasses.asdict(warm.counters)
+        replies, _ = warm.answer_batch(queries, [NOW * NS] * 4)
+        alone = [responder() for _ in queries]
+        singles = [r.answer(q, NOW * NS) for r, q in zip(alone, queries, strict=True)]
+        self.assertEqual(
+            [reply is None for reply in replies], [s is None for s in singles]
+        )
+        for query, reply in zip(queries, replies, strict=True):
+            if reply is not None:
+                verify.verify_response(query, reply, ROOT_PUBLIC)
+        after = dataclasses.asdict(warm.counters)
+        for reason in (
+            "answered",
+            "too_small",
+            "malformed",
+            "unsupported_version",
+            "wrong_server",
+        ):
+            self.assertEqual(
+                after[reason] - before[reason],
+                sum(getattr(r.counters, reason) for r in alone),
+                reason,
+            )

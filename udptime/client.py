@@ -30,7 +30,7 @@ import struct
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -48,12 +48,22 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from udptime import __version__
 from udptime.ntp import MODE_CLIENT, MODE_SERVER, PACKET_SIZE, from_ntp
 
 FORMATS = ("ctime", "daytime", "time", "ntp")
+#: ``udptime query -f`` also speaks Roughtime (``udptime.roughtime.query``).
+QUERY_FORMATS = (*FORMATS, "roughtime")
 
-#: Well-known ports, except ctime, which has none: 20000 is the recipe's.
-DEFAULT_PORTS = {"ctime": 20000, "daytime": 13, "time": 37, "ntp": 123}
+#: Well-known ports, except ctime, which has none: 20000 is the recipe's;
+#: Roughtime's is where public servers serve (IANA assigned 5319).
+DEFAULT_PORTS = {
+    "ctime": 20000,
+    "daytime": 13,
+    "time": 37,
+    "ntp": 123,
+    "roughtime": 2002,
+}
 
 #: What a client request says: no leap warning, version 4, client mode.
 NTP_VERSION = 4
@@ -736,28 +746,62 @@ def _port(text: str) -> int:
     return value
 
 
+#: ``udptime query`` exit statuses besides 0 (answered) and 2 (argparse's).
+EXIT_NO_REPLY = 1
+EXIT_OUTPUT = 3
+
+EXIT_STATUSES = (
+    "Exit status: 0 answered, 1 no valid reply, 2 usage error, "
+    "3 answered but the result could not be written (closed pipe, full disk)."
+)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
-        prog="udptime", description="Query a UDP time server."
+        prog="udptime", description="Query a UDP time server.", epilog=EXIT_STATUSES
     )
+    top.add_argument("--version", action="version", version=f"udptime {__version__}")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ask = commands.add_parser(
         "query",
         help="ask a server for the time",
-        description=(
-            "Ask HOST for the time, resending after each timeout. Exit status: "
-            "0 answered, 1 no valid reply, 2 usage error."
-        ),
+        description="Ask HOST for the time, resending after each timeout. "
+        + EXIT_STATUSES,
     )
-    ask.add_argument("host", metavar="HOST", help="IPv4/IPv6 address or host name")
+    ask.add_argument(
+        "host",
+        metavar="HOST",
+        nargs="?",
+        help="IPv4/IPv6 address or host name (not with --servers)",
+    )
     ask.add_argument(
         "--port",
         "-p",
         type=_port,
-        help="UDP port (default: 20000 ctime, 13 daytime, 37 time, 123 ntp)",
+        help=(
+            "UDP port (default: 20000 ctime, 13 daytime, 37 time, 123 ntp, "
+            "2002 roughtime)"
+        ),
     )
     ask.add_argument(
-        "--format", "-f", choices=FORMATS, default="ctime", help="default: ctime"
+        "--format", "-f", choices=QUERY_FORMATS, default="ctime", help="default: ctime"
+    )
+    ask.add_argument(
+        "--public-key",
+        metavar="B64",
+        help="roughtime: the server's long-term public key (base64); replies "
+        "are verified against it",
+    )
+    ask.add_argument(
+        "--servers",
+        metavar="LIST.json",
+        help="roughtime: query the servers of an RFC 10049 server list in a chain",
+    )
+    ask.add_argument(
+        "--report",
+        metavar="FILE",
+        help="roughtime --servers: where a malfeasance report goes if replies "
+        "contradict each other (default: roughtime-malfeasance.json)",
     )
     ask.add_argument(
         "--timeout",
@@ -781,10 +825,19 @@ def parser() -> argparse.ArgumentParser:
     family.add_argument(
         "-6", dest="family", action="store_const", const=6, help="IPv6 only"
     )
+    # Checks between options (udptime.roughtime.query.check_args) report
+    # through the query command's own usage line.
+    ask.set_defaults(usage_error=ask.error)
+    commands.add_parser(
+        "roughtime",
+        help="Roughtime keys, delegations and this server's list entry",
+        add_help=False,
+    ).add_argument("arguments", nargs=argparse.REMAINDER)
     return top
 
 
-async def _run(reactor: Any, args: argparse.Namespace) -> None:
+async def run(reactor: Any, args: argparse.Namespace) -> None:
+    """``udptime query`` for the NTP and text formats, from parsed arguments."""
     port = args.port if args.port is not None else DEFAULT_PORTS[args.format]
     try:
         result = await query(
@@ -798,16 +851,33 @@ async def _run(reactor: Any, args: argparse.Namespace) -> None:
         )
     except (QueryError, CannotListenError) as exc:
         sys.stderr.write(f"udptime: {exc}\n")
-        raise SystemExit(1) from None
-    if args.json:
-        print(json.dumps(result.as_dict()))
-    else:
-        print(describe(result, args.host))
+        raise SystemExit(EXIT_NO_REPLY) from None
+    emit(json.dumps(result.as_dict()) if args.json else describe(result, args.host))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``udptime query ...``: exits 0 answered, 1 no valid reply, 2 usage error."""
-    from twisted.internet import task
+def emit(text: str) -> None:
+    """Print the result; a reader that went away or a full disk is exit 3.
 
-    args = parser().parse_args(argv)
-    task.react(lambda reactor: defer.Deferred.fromCoroutine(_run(reactor, args)))
+    The query succeeded, so "no valid reply" (1) would be a lie, and a
+    traceback says nothing the one line does not.
+    """
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except OSError as exc:
+        # What could not be written is still buffered: point standard output
+        # at /dev/null so the interpreter's last flush does not fail again.
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass  # not a file descriptor: nothing will flush it at exit
+        finally:
+            os.close(null)
+        reason = exc.strerror or str(exc)
+        try:
+            sys.stderr.write(f"udptime: cannot write the result: {reason}\n")
+            sys.stderr.flush()
+        except OSError:
+            pass
+        raise SystemExit(EXIT_OUTPUT) from None

@@ -7,14 +7,10 @@ parsing a command line again. The parsers here are the one check of each kind
 of value: each option's coerce function in ``udptime.tap`` and
 ``udptime.nts.options`` is one of them wrapped by :func:`coerce`, which names
 the option in the error. The records themselves do not check again.
-
-``python -m udptime.config --describe`` prints, as JSON, the options and
-formats this udptime accepts, for tools that must not scrape ``--help``.
 """
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import math
@@ -24,16 +20,18 @@ from typing import Any, TypeVar
 
 from twisted.python import usage
 
-from udptime import __version__
 from udptime.clockstate import DEFAULT_REFID, DEFAULT_STRATUM
 from udptime.listener import DEFAULT_RECEIVE_BUFFER
 from udptime.listenspec import ListenSpec
 from udptime.nts.cookies import DEFAULT_ROTATE
 from udptime.nts.ke import (
+    DEFAULT_FIRST_BYTE_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_KE_RATE_LIMIT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_TIMEOUT,
 )
+from udptime.nts.slots import DEFAULT_PER_ADDRESS
 from udptime.policy import (
     DEFAULT_LOOP_PORTS,
     DEFAULT_RATE_LIMIT,
@@ -174,19 +172,44 @@ class NtpConfig:
 
 @dataclass(frozen=True, slots=True)
 class NtsConfig:
-    """NTS (RFC 8915), present exactly when ``--nts-ke`` is given."""
+    """NTS (RFC 8915), present when ``--nts-ke`` or ``--nts`` is given.
 
-    ke_host: str
-    ke_port: int
-    tls_cert: str
-    tls_key: str
+    Without ``ke_port`` this host serves no NTS-KE (no TLS): it answers NTS
+    on its ntp listeners with cookies NTS-KE hosts sealed under the same
+    keys (``keys_file``) or the same fleet secret (``key_secret``).
+    """
+
+    ke_host: str | None = None
+    ke_port: int | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     keys_file: str = DEFAULT_KEYS_FILE
-    #: NTP server name sent by NTS-KE; ``None``: clients use the KE host
-    server_name: str | None = None
+    #: derive the keys from this secret file instead of the keys file
+    key_secret: str | None = None
+    #: a second secret whose keys open cookies but never seal (rollover)
+    key_secret_accept: str | None = None
+    #: NTP servers NTS-KE hands out, (name, port or None), one per session;
+    #: none: clients use the KE host
+    servers: tuple[tuple[str, int | None], ...] = ()
     rotate: float = DEFAULT_ROTATE
     ke_rate_limit: RateLimit | None = DEFAULT_KE_RATE_LIMIT
     ke_connections: int = DEFAULT_MAX_CONNECTIONS
     ke_timeout: float = DEFAULT_TIMEOUT
+    ke_first_byte_timeout: float = DEFAULT_FIRST_BYTE_TIMEOUT
+    ke_handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    #: concurrent KE connections per address (an IPv6 /64: four times as many)
+    ke_per_source: int = DEFAULT_PER_ADDRESS
+
+
+@dataclass(frozen=True, slots=True)
+class RoughtimeConfig:
+    """Roughtime (RFC 10049), present exactly when a roughtime listener is:
+    the root key file or a delegation file (one of them), and the radius
+    claimed for an unsynchronised clock served under ``--local-stratum``."""
+
+    key_file: str | None = None
+    delegation_file: str | None = None
+    local_radius: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +229,7 @@ class Config:
     ntp: NtpConfig = NtpConfig()
     nts: NtsConfig | None = None
     metrics: MetricsConfig | None = None
+    roughtime: RoughtimeConfig | None = None
     #: processes serving the same ports, this one included
     workers: int = 1
     #: SO_RCVBUF to ask for; 0 keeps the kernel's
@@ -258,13 +282,21 @@ class Config:
                 tls_cert=nts["tls_cert"],
                 tls_key=nts["tls_key"],
                 keys_file=nts["keys_file"],
-                server_name=nts["server_name"],
+                key_secret=nts["key_secret"],
+                key_secret_accept=nts["key_secret_accept"],
+                servers=tuple((name, port) for name, port in nts["servers"]),
                 rotate=nts["rotate"],
                 ke_rate_limit=_rate_limit(nts["ke_rate_limit"]),
                 ke_connections=nts["ke_connections"],
                 ke_timeout=nts["ke_timeout"],
+                ke_first_byte_timeout=nts["ke_first_byte_timeout"],
+                ke_handshake_timeout=nts["ke_handshake_timeout"],
+                ke_per_source=nts["ke_per_source"],
             ),
             metrics=None if metrics is None else MetricsConfig(**metrics),
+            roughtime=None
+            if data.get("roughtime") is None
+            else RoughtimeConfig(**data["roughtime"]),
             workers=data["workers"],
             receive_buffer=data["receive_buffer"],
             batch=data["batch"],
@@ -290,51 +322,3 @@ def _plain(value: object) -> Any:
 
 def _rate_limit(data: dict[str, Any] | None) -> RateLimit | None:
     return None if data is None else RateLimit(data["rate"], data["burst"])
-
-
-# --------------------------------------------------------------------------
-# What this udptime accepts, for tools.
-
-
-def describe() -> dict[str, Any]:
-    """The options (``--name`` -> what it takes) and formats this udptime serves."""
-    from udptime.registry import format_names
-    from udptime.tap import Options
-
-    options = Options()
-    short = {long: key for key, long in options.synonyms.items() if len(key) == 1}
-    described: dict[str, Any] = {}
-    for entry in options.longOpt:
-        name = entry.rstrip("=")
-        value = entry.endswith("=")
-        default = options.defaults.get(name) if value else None
-        described[f"--{name}"] = {
-            "short": f"-{short[name]}" if name in short else None,
-            "value": value,
-            "default": None if default is None else str(default),
-            "help": options.docs.get(name, ""),
-        }
-    return {
-        "version": __version__,
-        "formats": format_names(),
-        "options": described,
-    }
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m udptime.config",
-        description="What this udptime accepts, as JSON.",
-    )
-    parser.add_argument(
-        "--describe",
-        action="store_true",
-        required=True,
-        help="print the options and formats this udptime accepts as JSON",
-    )
-    parser.parse_args(argv)
-    print(json.dumps(describe(), indent=2, sort_keys=True))
-
-
-if __name__ == "__main__":
-    main()

@@ -7,7 +7,8 @@ what it returns; it never reads protocol bytes. A format is a pure wire
 module plus a :class:`Responder`, registered in ``udptime.registry``.
 
 The common case of a batch (admitted, well-formed) is one call of the
-policy per datagram and one :meth:`Responder.answer_batch` per batch;
+policy (:meth:`Policy.admit_batch`) and one :meth:`Responder.answer_batch`
+per batch, each a constant number of Python operations for the common case;
 refusals go to the responder's own :meth:`Responder.refuse`, so a kiss is
 always in the request's own protocol (NTS kisses carry the Unique
 Identifier). What the shell must log (responder errors, ``--verbose``
@@ -180,25 +181,18 @@ class AnsweringCore:
         counters = self.counters
         counters.received += n
         policy = self.policy
-        if policy is None:
-            admitted = None
-        else:
-            admit = policy.admit
-            kisses, echoes = self._kisses, self._echoes
-            verdicts = [
-                admit(a, p, now, kisses, echoes) for a, p in zip(sources, ports)
-            ]
-            admitted = (
-                None
-                if verdicts.count(ANSWER) == n
-                else [i for i, v in enumerate(verdicts) if v is ANSWER]
-            )
-        if admitted is None:
+        verdicts = (
+            None
+            if policy is None
+            else policy.admit_batch(sources, ports, now, self._kisses, self._echoes)
+        )
+        if verdicts is None:
             replies, complete = self._respond_batch(data, sources, ports, received_ns)
             if self.verbose:
                 self._note_all(data, sources, ports, replies)
             return replies, complete
         # Mixed batch: refusals one by one, the admitted as one smaller batch.
+        admitted = [i for i, v in enumerate(verdicts) if v is ANSWER]
         out: list[Reply | None] = [None] * n
         done: set[int] = set()
         for i, v in enumerate(verdicts):

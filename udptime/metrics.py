@@ -10,7 +10,7 @@ import this module load neither.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,10 +54,16 @@ class UdptimeCollector:
         listeners: Callable[[], list[ListenerStats]],
         gauges: Callable[[], dict[str, tuple[str, float]]],
         counters: Callable[[], dict[str, tuple[str, float]]] = dict,
+        roles: Sequence[str] = (),
+        families: Callable[[], Iterable[Any]] = tuple,
     ) -> None:
         self._listeners = listeners
         self._gauges = gauges
         self._counters = counters
+        #: what this host serves (formats, "nts", "nts-ke"): udptime_role
+        self._roles = tuple(roles)
+        #: whole metric families a format adds (Roughtime's, with labels)
+        self._families = families
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import (
@@ -84,9 +90,19 @@ class UdptimeCollector:
         yield latency
         for name, (help_text, value) in self._gauges().items():
             yield GaugeMetricFamily(f"udptime_{name}", help_text, value=value)
+        if self._roles:
+            roles = GaugeMetricFamily(
+                "udptime_role",
+                "1 for each role this host serves: a format, nts, nts-ke.",
+                labels=["role"],
+            )
+            for role in self._roles:
+                roles.add_metric([role], 1.0)
+            yield roles
         for name, (help_text, value) in self._counters().items():
             # Exposed as udptime_NAME_total.
             yield CounterMetricFamily(f"udptime_{name}", help_text, value=value)
+        yield from self._families()
 
     def describe(self) -> list[Any]:
         # Collected on demand only: registering must not call collect().

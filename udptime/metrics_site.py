@@ -18,12 +18,9 @@ the global reactor on import and renders in a thread pool).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application import internet
-from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger, LogLevel
@@ -33,6 +30,7 @@ from twisted.web import http, resource, server
 from udptime.clockstate import STA_DEL, STA_INS, KernelClock, read_kernel_clock
 from udptime.logthrottle import LogThrottle
 from udptime.metrics import UdptimeCollector
+from udptime.tcpservice import NamedTCPServer
 
 #: Most HTTP connections at once; more are closed when accepted.
 MAX_CONNECTIONS = 64
@@ -267,45 +265,10 @@ def metrics_site(
     )
 
 
-def host_port(host: str, port: int) -> str:
-    """``HOST:PORT``, ``[IPV6]:PORT``; an empty host is all IPv4."""
-    return f"[{host}]:{port}" if ":" in host else f"{host or '0.0.0.0'}:{port}"
-
-
-class MetricsService(internet.TCPServer):
+class MetricsService(NamedTCPServer):
     """The metrics listener: bound in ``privilegedStartService`` (before
     ``--uid`` drops root, as the UDP listeners), a bind failure one line on
     stderr and exit 1 instead of a traceback."""
 
-    log = Logger()
-
     def __init__(self, host: str, port: int, site: MetricsSite, reactor: Any) -> None:
-        super().__init__(port, site, interface=host, reactor=reactor)  # type: ignore[no-untyped-call]
-        self.host = host
-        self.port = port
-
-    def _getPort(self) -> Any:
-        try:
-            port = super()._getPort()  # type: ignore[no-untyped-call]
-        except CannotListenError as exc:
-            error: Any = exc.socketError
-            why = getattr(error, "strerror", None) or str(error)
-            sys.stderr.write(
-                f"udptime: cannot serve metrics on {host_port(self.host, self.port)}: "
-                f"{why}\n"
-            )
-            sys.stderr.flush()
-            raise SystemExit(1) from None
-        address = port.getHost()
-        self.log.info(
-            "serving metrics on TCP {host} port {port}",
-            host=address.host,
-            port=address.port,
-        )
-        return port
-
-    @property
-    def bound_port(self) -> int:
-        port: Any = self._port
-        assert port is not None, "metrics service not started"
-        return int(port.getHost().port)
+        super().__init__("metrics", host, port, site, reactor)

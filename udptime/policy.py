@@ -10,17 +10,28 @@ The checks run in a fixed order, each cheaper and more final than the next:
 loop guard, access lists, rate limit. Sources refused by the first two never
 touch the rate-limit table, so a flood of denied or loop-guarded datagrams can
 neither drain a bucket nor evict a real client's entry.
+
+:meth:`Policy.admit_batch` decides a batch received at one moment as
+:meth:`Policy.admit` called per datagram would, decisions and table alike,
+with a constant number of Python operations when every source is a full
+bucket already in the table (the common case: many sources, none near its
+limit); other datagrams go through :meth:`Policy.admit`, one by one.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import itertools
 import math
+import operator
 import socket
+import struct
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -74,6 +85,12 @@ _NEVER = -math.inf
 _SLACK = 1e-6
 _ENOUGH = 1.0 - _SLACK
 _from_bytes = int.from_bytes
+_repeat = itertools.repeat
+_setitem = operator.setitem
+#: The one port no source may use, for formats that do not echo.
+_PORT_ZERO = frozenset({0})
+_ZERO8 = bytes(8)
+_MAPPED_MIDDLE = b"\x00\x00\xff\xff"
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,8 +217,10 @@ def source_key(packed: bytes) -> bytes:
 class _Bucket:
     """One source's token bucket plus its over-limit bookkeeping.
 
-    Four slots and no ``__dict__``: with the table's own overhead this is
-    what bounds memory per tracked source (see :class:`Policy`).
+    Four slots and no ``__dict__``. Most sources never need one: a bucket
+    that is full but for the request just answered (``burst - 1`` tokens),
+    never over its limit and never kissed, is kept in the table as a
+    one-element list of its stamp instead (see :class:`Policy`).
     """
 
     __slots__ = ("kissed", "over", "stamp", "tokens")
@@ -253,6 +272,12 @@ class Policy:
     the four-slot bucket 64, its two floats 64. ``tests/test_policy.py``
     measures 293 bytes, so 18.3 MiB for the default 65,536 entries (peak
     23.3 MiB while the dict first grows), however many sources pass through.
+    Most entries are smaller: a source whose bucket is full but for its last
+    request, and that was never over its limit, is stored as ``[stamp]``, a
+    one-element list (``tokens`` is then ``burst - 1``, ``over`` 0, never
+    kissed). Lists compare by their items, so :meth:`admit_batch` finds out
+    whether a batch of such sources are all full with one ``max`` in C, and
+    restamps them with one ``map``.
     An evicted source that returns starts with a full bucket, so the table
     must be larger than the number of sources expected to be limited at once;
     least-recently-used order keeps a flooding source, always the most
@@ -269,6 +294,7 @@ class Policy:
         "_deny_kiss",
         "_echo_guard",
         "_first",
+        "_inverse_rate",
         "_leak",
         "_open",
         "_period",
@@ -300,7 +326,10 @@ class Policy:
         # sources then costs no float object per entry for its tokens.
         self._first = self._burst - 1.0
         self._period = rate_limit.period if rate_limit is not None else 0.0
-        self._table: OrderedDict[bytes, _Bucket] = OrderedDict()
+        self._inverse_rate = 1.0 / self._rate if self._rate else 0.0
+        #: A source's state: a bucket, or ``[stamp]`` for a source with
+        #: ``burst - 1`` tokens, ``over`` 0 and no kiss sent (most sources).
+        self._table: OrderedDict[bytes, _Bucket | list[float]] = OrderedDict()
         self._table_size = table_size
         self._leak = leak
         self._deny_kiss = deny_kiss
@@ -435,9 +464,31 @@ class Policy:
                     return ANSWER
                 if len(table) >= self._table_size:
                     table.popitem(False)
-                table[key] = _Bucket(self._first, now)
+                # A new bucket: burst - 1 tokens once this one is answered
+                # (a NaN clock, never a real one, gets no compact stamp).
+                compact = now == now  # noqa: PLR0124 - False for NaN alone
+                table[key] = [now] if compact else _Bucket(self._first, now)
                 return ANSWER
         table.move_to_end(key)
+
+        if isinstance(bucket, list):
+            # The compact form: burst - 1 tokens, stamped bucket[0].
+            tokens = self._first
+            elapsed = now - bucket[0]
+            if elapsed > 0.0:
+                tokens += elapsed * self._rate
+                if tokens > self._burst:  # noqa: PLR1730 - min() is a call
+                    tokens = self._burst
+            if tokens >= _ENOUGH:
+                tokens -= 1.0
+                if tokens == self._first:
+                    bucket[0] = now
+                else:
+                    table[key] = _Bucket(tokens, now)
+                return ANSWER
+            # Over the limit (a burst of 1): a bucket from here on.
+            full = table[key] = _Bucket(tokens, now)
+            return self._over(full, now, can_kiss)
 
         tokens = bucket.tokens
         elapsed = now - bucket.stamp
@@ -447,13 +498,20 @@ class Policy:
                 tokens = self._burst
         # A clock stepped backwards restarts the refill from here instead of
         # charging the source for time that never passed.
-        bucket.stamp = now
         if tokens >= _ENOUGH:
-            bucket.tokens = tokens - 1.0
+            tokens -= 1.0
+            if tokens == self._first and not bucket.over and bucket.kissed is _NEVER:
+                table[key] = [now]  # back to the compact form
+                return ANSWER
+            bucket.tokens = tokens
+            bucket.stamp = now
             return ANSWER
         bucket.tokens = tokens
+        bucket.stamp = now
+        return self._over(bucket, now, can_kiss)
 
-        # Over the limit: the leak, then at most one kiss per bucket period.
+    def _over(self, bucket: _Bucket, now: float, can_kiss: bool) -> Decision:
+        """Over the limit: the leak, then at most one kiss per bucket period."""
         leak = self._leak
         if leak:
             over = bucket.over + 1
@@ -467,3 +525,137 @@ class Policy:
                 bucket.kissed = now
                 return KISS
         return DROP
+
+    def admit_batch(
+        self,
+        packed: Sequence[bytes],
+        ports: Sequence[int],
+        now: float,
+        can_kiss: bool,
+        echoes_anything: bool,
+    ) -> list[Decision] | None:
+        """:meth:`admit` for datagrams received together at *now*, in order.
+
+        ``None`` when every one is answered, else the decisions, aligned.
+        Decisions and the table afterwards (buckets, order, evictions) are
+        exactly those of :meth:`admit` called for each datagram in turn. A
+        batch of distinct sources that all hold full compact buckets is
+        decided in C (a few passes of ``map``, ``max`` and friends); every
+        other datagram goes through :meth:`admit` alone, and when that could
+        change which entries a new source evicts, the whole batch does.
+        """
+        n = len(packed)
+        if not n:
+            return None
+        guard = self._echo_guard if echoes_anything else _PORT_ZERO
+        if self._open or not self._rate or not guard.isdisjoint(ports):
+            if self._open and guard.isdisjoint(ports):
+                return None
+            return self._admit_each(packed, ports, now, can_kiss, echoes_anything)
+        keys = self._keys(packed, n)
+        # Distinct sources: a second datagram from one would see the first's
+        # refill, which only admit's order of work gets right.
+        if keys is None or len(set(keys)) != n:
+            return self._admit_each(packed, ports, now, can_kiss, echoes_anything)
+        table = self._table
+        values: list[Any] = list(map(table.get, keys))
+        full = self._full_until(now)
+        try:
+            # Lists compare by their stamps; a bucket or a new source raises.
+            everyone = max(values) <= [full]
+        except TypeError:
+            everyone = False
+        if everyone:
+            any(map(_setitem, values, _repeat(0), _repeat(now)))
+            any(map(table.move_to_end, keys))
+            return None
+        # True for a compact stamp at or before *full*, False for a later
+        # one, NotImplemented for a bucket or a new source.
+        flags = list(map([full].__ge__, values))
+        others = list(
+            itertools.compress(range(n), map(operator.is_not, flags, _repeat(True)))
+        )
+        new = values.count(None)
+        # A new source evicts the least recently seen entry; only if none
+        # of those is in this batch is the order of the work free.
+        if (
+            new
+            and len(table) + new > self._table_size
+            and not set(keys).isdisjoint(itertools.islice(table, new))
+        ):
+            return self._admit_each(packed, ports, now, can_kiss, echoes_anything)
+        stamped = itertools.compress(values, map(operator.is_, flags, _repeat(True)))
+        any(map(_setitem, stamped, _repeat(0), _repeat(now)))
+        decisions = [ANSWER] * n
+        admit = self.admit
+        for i in others:
+            decisions[i] = admit(packed[i], ports[i], now, can_kiss, echoes_anything)
+        # Each source touched ends up most recent, in batch order, as with
+        # admit one by one (sources never in the table are not moved).
+        any(map(table.move_to_end, filter(table.__contains__, keys)))
+        return None if decisions.count(ANSWER) == n else decisions
+
+    def _admit_each(
+        self,
+        packed: Sequence[bytes],
+        ports: Sequence[int],
+        now: float,
+        can_kiss: bool,
+        echoes_anything: bool,
+    ) -> list[Decision] | None:
+        admit = self.admit
+        decisions = [
+            admit(a, p, now, can_kiss, echoes_anything) for a, p in zip(packed, ports)
+        ]
+        return None if decisions.count(ANSWER) == len(decisions) else decisions
+
+    def _keys(self, packed: Sequence[bytes], n: int) -> Sequence[bytes] | None:
+        """Every datagram's table key, made in C, or ``None`` for a mixed batch.
+
+        One family per batch (one socket); on an IPv6 socket, IPv4-mapped
+        sources all or none; no IPv6 rule finer than the /64 key.
+        """
+        width = len(packed[0])
+        blob = b"".join(packed)
+        if len(blob) != width * n:
+            return None
+        if width == 4:
+            return packed
+        if width != 16:
+            return None
+        parts = _split16(n).unpack(blob)
+        middles = parts[1::3]
+        mapped = middles.count(_MAPPED_MIDDLE)
+        if mapped == n:
+            heads = parts[0::3]
+            return parts[2::3] if heads.count(_ZERO8) == n else None
+        if mapped or self._recheck6:
+            return None
+        return parts[0::3]
+
+    def _full_until(self, now: float) -> float:
+        """A stamp *s* such that a compact bucket stamped at or before *s* is
+        full at *now* (answered, compact again); NaN when none is sure to be.
+
+        Checked with the very arithmetic of :meth:`admit` (a down-set: the
+        refill only grows as the stamp goes back), so sources stamped
+        between the result and the exact edge merely take :meth:`admit`.
+        """
+        first, rate, burst = self._first, self._rate, self._burst
+        candidate = now - self._inverse_rate
+        for _ in range(3):
+            elapsed = now - candidate
+            if elapsed > 0.0:
+                tokens = first + elapsed * rate
+                if tokens > burst:  # noqa: PLR1730 - as in admit
+                    tokens = burst
+                if tokens >= _ENOUGH and tokens - 1.0 == first:
+                    return candidate
+            candidate -= (abs(candidate) + self._inverse_rate) * 2.0**-40
+        return math.nan
+
+
+@functools.cache
+def _split16(n: int) -> struct.Struct:
+    """*n* 16-byte addresses as (first 8, next 4, last 4 bytes) each."""
+    return struct.Struct("8s4s4s" * n)

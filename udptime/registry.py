@@ -7,6 +7,7 @@ itself on import.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -17,6 +18,7 @@ from udptime.ntp import ServerState
 from udptime.nts.responder import CookieJar, NtsResponder
 from udptime.responders.ntp import NtpResponder
 from udptime.responders.text import TextResponder
+from udptime.roughtime.responder import RoughtimeSettings
 
 
 @dataclass(frozen=True)
@@ -25,12 +27,14 @@ class Context:
 
     *wall_clock_ns* is POSIX nanoseconds (the transmit stamp); *clock_state*
     returns what NTP replies advertise (``udptime.clockstate`` in service,
-    a plain value in tests); *nts_cookies* is set when NTS is on.
+    a plain value in tests); *nts_cookies* is set when NTS is on;
+    *roughtime* (keys, kernel clock, radius) when a roughtime listener is.
     """
 
     wall_clock_ns: Callable[[], int]
     clock_state: Callable[[], ServerState]
     nts_cookies: CookieJar | None = None
+    roughtime: RoughtimeSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,13 @@ def _ntp(context: Context) -> Responder:
     ntp = NtpResponder(context.clock_state, context.wall_clock_ns)
     if context.nts_cookies is None:
         return ntp
-    return NtsResponder(ntp, context.nts_cookies)
+    return NtsResponder(ntp, context.nts_cookies, perf_ns=time.perf_counter_ns)
+
+
+def _roughtime(context: Context) -> Responder:
+    if context.roughtime is None:
+        raise ValueError("roughtime needs a root key or a delegation")
+    return context.roughtime.make_responder()
 
 
 FORMATS: Mapping[str, Format] = MappingProxyType(
@@ -78,6 +88,11 @@ FORMATS: Mapping[str, Format] = MappingProxyType(
                 "NTPv4/SNTP server mode (RFC 5905, RFC 4330) from the kernel clock",
                 _ntp,
                 receive_timestamps=True,
+            ),
+            Format(
+                "roughtime",
+                "Roughtime (RFC 10049): signed time, one signature per batch",
+                _roughtime,
             ),
         )
     }

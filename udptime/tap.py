@@ -9,7 +9,7 @@ only that config, in the twistd process and in each ``--workers`` process.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -49,15 +49,22 @@ from udptime.listenspec import (
     parse_port,
 )
 from udptime.metrics import ListenerStats, UdptimeCollector, parse_metrics_address
-from udptime.metrics_site import Health, MetricsService, host_port, metrics_site
+from udptime.metrics_site import Health, MetricsService, metrics_site
 from udptime.ntp import refid_from_text
+from udptime.nts.certificate import CertificateService
 from udptime.nts.keyfile import KeyFileService
+from udptime.nts.keysecret import KeySecretService
 from udptime.nts.options import (
+    NTS_OPT_FLAGS,
     NTS_OPT_PARAMETERS,
     KeService,
     nts_config,
+    nts_gauges,
+    nts_metric_families,
     nts_services,
+    parse_ntp_server,
 )
+from udptime.nts.responder import NtsResponder
 from udptime.policy import (
     DEFAULT_LOOP_PORTS,
     DEFAULT_RATE_LIMIT,
@@ -68,8 +75,10 @@ from udptime.policy import (
 )
 from udptime.protocol import TimeProtocol, ns_clock
 from udptime.registry import Context, Format, format_names, get_format
+from udptime.roughtime import options as roughtime
 from udptime.signals import SignalService
 from udptime.summary import SummaryService
+from udptime.tcpservice import host_port
 from udptime.workers import WorkerSupervisor
 
 
@@ -94,6 +103,7 @@ def parse_listen_spec(text: str) -> ListenSpec:
 _listen = coerce("--listen", parse_listen_spec)
 _allow = coerce("--allow", parse_cidr)
 _deny = coerce("--deny", parse_cidr)
+_nts_server = coerce("--nts-server", parse_ntp_server)
 
 
 def make_policy(config: PolicyConfig) -> Policy:
@@ -139,6 +149,7 @@ class Options(usage.Options):
             "v",
             "Log every request (off by default: floods stay out of the log).",
         ],
+        *NTS_OPT_FLAGS,
     ]
     # Each parameter: [long, short, default, doc, coerce]. Defaults are written
     # as they would be typed (so --help shows them so) and coerced in __init__.
@@ -147,10 +158,10 @@ class Options(usage.Options):
         [
             "interface",
             "i",
-            "",
+            None,
             (
-                "Address to bind: default all IPv4; '::' serves IPv6 (and IPv4 "
-                "where the OS maps it)."
+                "Address to bind (default: all IPv4 addresses); '::' serves "
+                "IPv6 (and IPv4 where the OS maps it)."
             ),
             coerce("--interface", parse_host),
         ],
@@ -178,7 +189,8 @@ class Options(usage.Options):
             (
                 "NTP: serve an unsynchronised local clock anyway, at this stratum "
                 "(1-15) with refid LOCL, like chrony's 'local stratum'. Without it an "
-                "unsynchronised kernel clock is advertised as LI=3, stratum 16."
+                "unsynchronised kernel clock is advertised as LI=3, stratum 16. "
+                "Roughtime too serves an unsynchronised clock only with it."
             ),
             coerce("--local-stratum", parse_stratum),
         ],
@@ -289,6 +301,7 @@ class Options(usage.Options):
             coerce("--refid", refid_from_text),
         ],
         *NTS_OPT_PARAMETERS,
+        *roughtime.ROUGHTIME_OPT_PARAMETERS,
     ]
 
     #: the parsed command line, set by ``postOptions``
@@ -304,6 +317,7 @@ class Options(usage.Options):
         self["listen"] = []
         self["allow"] = []
         self["deny"] = []
+        self["nts-server"] = []
 
     def opt_allow(self, value: str) -> None:
         """Serve only these networks (CIDR, IPv4 or IPv6); repeatable."""
@@ -312,6 +326,11 @@ class Options(usage.Options):
     def opt_deny(self, value: str) -> None:
         """Never serve these networks (CIDR); repeatable; deny wins over allow."""
         self["deny"].append(_deny(value))
+
+    def opt_nts_server(self, value: str) -> None:
+        """NTS-KE: NTP server NAME[:PORT] to hand clients, repeatable (one per
+        session, by client address); default: clients use the NTS-KE host."""
+        self["nts-server"].append(_nts_server(value))
 
     def opt_listen(self, value: str) -> None:
         """FORMAT@[HOST:]PORT, FORMAT@[IPV6]:PORT, FORMAT@systemd:N; repeatable."""
@@ -329,7 +348,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         listeners = tuple(self["listen"]) or (
-            ListenSpec(self["format"], self["interface"], self["port"]),
+            ListenSpec(self["format"], self["interface"] or "", self["port"]),
         )
         if self["workers"] > 1 and any(s.host == SYSTEMD for s in listeners):
             raise usage.UsageError(
@@ -364,6 +383,7 @@ class Options(usage.Options):
             ),
             nts=nts_config(self, listeners),
             metrics=None if metrics is None else MetricsConfig(*metrics),
+            roughtime=roughtime.roughtime_config(self, listeners),
             workers=self["workers"],
             receive_buffer=self["receive-buffer"],
             batch=not self["no-batch"],
@@ -372,7 +392,9 @@ class Options(usage.Options):
         )
 
 
-def _gauges(policy: Policy | None) -> Callable[[], dict[str, tuple[str, float]]]:
+def _gauges(
+    policy: Policy | None, nts: Sequence[Any] = ()
+) -> Callable[[], dict[str, tuple[str, float]]]:
     def gauges() -> dict[str, tuple[str, float]]:
         kernel = read_kernel_clock()
         values = {
@@ -390,6 +412,7 @@ def _gauges(policy: Policy | None) -> Callable[[], dict[str, tuple[str, float]]]
                 "Sources in the rate limiter's table.",
                 float(len(policy)),
             )
+        values.update(nts_gauges(nts))
         return values
 
     return gauges
@@ -415,20 +438,75 @@ def _health(top: UdptimeService, workers: int) -> Health:
     return health
 
 
-def _counters(services: list[Any]) -> Callable[[], dict[str, tuple[str, float]]]:
+def _counters(
+    services: list[Any], listeners: list[TimeListener]
+) -> Callable[[], dict[str, tuple[str, float]]]:
     keys = [s for s in services if isinstance(s, KeyFileService)]
+    ke = [s.factory.ke for s in services if isinstance(s, KeService)]
 
     def counters() -> dict[str, tuple[str, float]]:
-        if not keys:
-            return {}
-        return {
-            "nts_key_save_failures": (
+        values = _nts_counters(listeners, ke)
+        if keys:
+            values["nts_key_save_failures"] = (
                 "NTS keys file saves that failed (cookies stay under the saved key).",
                 float(keys[0].save_failures),
             )
-        }
+        return values
 
     return counters
+
+
+def _nts_counters(
+    listeners: list[TimeListener], ke: list[Any]
+) -> dict[str, tuple[str, float]]:
+    """This process's NTS counts, 0 without NTS (not its workers')."""
+    nts = [
+        responder.counters
+        for responder in (listener.protocol.core.responder for listener in listeners)
+        if isinstance(responder, NtsResponder)
+    ]
+    return {
+        "nts_authenticated": (
+            "NTS requests answered with an authenticated reply.",
+            float(sum(c.authenticated for c in nts)),
+        ),
+        "nts_naks": (
+            (
+                "NTS NAKs sent: the cookie did not open (another host's keys or "
+                "secret, or expired) or the request failed authentication."
+            ),
+            float(sum(c.naks for c in nts)),
+        ),
+        "nts_cookies": (
+            "NTS cookies sent in NTP replies.",
+            float(sum(c.cookies for c in nts)),
+        ),
+        "nts_ke_sessions": (
+            "NTS-KE sessions that handed out cookies.",
+            float(sum(factory.counters.completed for factory in ke)),
+        ),
+    }
+
+
+def _families(*sources: Callable[[], Iterable[Any]]) -> Callable[[], Iterator[Any]]:
+    """Whole metric families from each of *sources*, one after another."""
+
+    def families() -> Iterator[Any]:
+        for source in sources:
+            yield from source()
+
+    return families
+
+
+def _roles(config: Config, services: list[Any]) -> list[str]:
+    """What this host serves: its listeners' formats, ``nts`` when it answers
+    NTS on NTP, ``nts-ke`` when it serves key exchange (``udptime_role``)."""
+    roles = sorted({spec.format for spec in config.listeners})
+    if config.nts is not None and "ntp" in roles:
+        roles.append("nts")
+    if any(isinstance(s, KeService) for s in services):
+        roles.append("nts-ke")
+    return roles
 
 
 class UdptimeService(service.MultiService):
@@ -524,6 +602,7 @@ def build_service(
     )
     for service_ in nts:
         service_.setServiceParent(top)
+    roughtime_keys, roughtime_settings = roughtime.roughtime_services(config, reactor)
     context = Context(
         wall_clock_ns=ns_clock(reactor),
         clock_state=ClockStateCache(
@@ -534,6 +613,7 @@ def build_service(
             refid=config.ntp.refid,
         ),
         nts_cookies=nts_cookies,
+        roughtime=roughtime_settings,
     )
     for spec, sock in zip(config.listeners, sockets, strict=True):
         listener = listener_for(
@@ -578,10 +658,25 @@ def build_service(
         )
         acl.apply(*acl.lists())
         top.signals.reloaders["access lists"] = acl.reload
+    for service_ in nts:
+        if isinstance(service_, KeySecretService):
+            top.signals.reloaders["NTS key secrets"] = service_.reload
+        if isinstance(service_, CertificateService):
+            top.signals.reloaders["NTS certificate"] = service_.reload
     top.signals.setName("signals")  # type: ignore[no-untyped-call]
     top.signals.setServiceParent(top)  # type: ignore[no-untyped-call]
+    roughtime.attach(top, roughtime_keys, config.summary_interval, reactor)
     if metrics is not None:
-        collector = UdptimeCollector(top.stats, _gauges(policy), _counters(nts))
+        collector = UdptimeCollector(
+            top.stats,
+            _gauges(policy, nts),
+            _counters(nts, top.listeners),
+            _roles(config, nts),
+            families=_families(
+                roughtime.metric_families(top.listeners, roughtime_keys),
+                nts_metric_families(nts),
+            ),
+        )
         site = metrics_site(collector, reactor, _health(top, config.workers))
         server = MetricsService(metrics.host, metrics.port, site, reactor)
         server.setName("metrics")  # type: ignore[no-untyped-call]
@@ -592,6 +687,7 @@ def build_service(
             config.summary_interval,
             lambda: [listener.stats for listener in top.listeners],
             reactor,
+            also=[s.factory.summarise for s in nts if isinstance(s, KeService)],
         )
         summary.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top

@@ -167,7 +167,8 @@ class Sender:
         # means the iovecs already written are right, which is the common
         # case under load (cached text replies, 48-byte NTP replies).
         key: tuple[int, ...]
-        if type(first) is bytes and replies.count(first) == k:
+        # (The last reply first: distinct replies then cost one comparison.)
+        if type(first) is bytes and replies[-1] == first and replies.count(first) == k:
             size = len(first)
             key = (-1, k, size)
             if size > self._blob_size:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from udptime.nts.cookies import (
     COOKIE_NONCE_LENGTH,
@@ -47,13 +47,19 @@ from udptime.nts.cookies import (
 class KeySet:
     """The master keys at one moment: *current* seals; it, *next* and
     *previous* (newest first) open. *rotate* is the period in seconds,
-    *grace* how many periods a retired key still opens cookies."""
+    *grace* how many periods a retired key still opens cookies.
+
+    *accepted* keys only open: those a second fleet secret derives while it
+    is brought in or retired (:mod:`udptime.nts.derivedkeys`). They are in
+    no keys file and take no part in the schedule.
+    """
 
     current: MasterKey
     next: MasterKey | None = None
     previous: tuple[MasterKey, ...] = ()
     rotate: float = DEFAULT_ROTATE
     grace: int = DEFAULT_GRACE
+    accepted: tuple[MasterKey, ...] = ()
     _opens: Mapping[int, MasterKey] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -61,8 +67,9 @@ class KeySet:
             raise ValueError(f"rotation period must be > 0 seconds, not {self.rotate}")
         if self.grace < 0:
             raise ValueError(f"grace must be >= 0 periods, not {self.grace}")
-        opens = {key.key_id: key for key in self.keys}
-        if len(opens) != len(self.keys):
+        every = [*self.keys, *self.accepted]
+        opens = {key.key_id: key for key in every}
+        if len(opens) != len(every):
             raise ValueError("two keys share an id")
         object.__setattr__(self, "_opens", opens)
 
@@ -136,6 +143,8 @@ class KeySet:
         """This set at *now*: the next key promoted when its time has come,
         expired keys dropped; ``self`` when nothing changes."""
         moved = KeySet.from_keys(self.keys, now, self.rotate, self.grace)
+        if self.accepted:
+            moved = replace(moved, accepted=self.accepted)
         return self if moved == self else moved
 
     def rotation_due(self, now: float) -> bool:
@@ -150,7 +159,7 @@ class KeySet:
         current = base.current
         created = max(current.created + base.rotate, now + base.rotate / 2)
         following = _new_key(created, random, set(base._opens))
-        return KeySet(current, following, base.previous, base.rotate, base.grace)
+        return replace(base, next=following)
 
 
 class KeyHolder:

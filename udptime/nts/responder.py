@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import struct
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -109,6 +108,10 @@ class CookieJar(Protocol):
     def key_set(self) -> KeySet: ...
 
 
+def _no_clock() -> int:
+    return 0
+
+
 def _echo_reply(prefix: bytes, stamp: Callable[[], bytes], unique_id: bytes) -> bytes:
     """A plain reply echoing a Unique Identifier, stamped now."""
     return prefix + stamp() + unique_id
@@ -157,10 +160,12 @@ class NtsResponder:
         keys: CookieJar,
         *,
         random: Callable[[int], bytes] = os.urandom,
-        perf_ns: Callable[[], int] = time.perf_counter_ns,
+        perf_ns: Callable[[], int] | None = None,
     ) -> None:
         self._ntp = ntp
-        self._perf_ns = perf_ns
+        #: times signing, to move stamps ahead by it; ``None``: no lead
+        #: (the wiring passes ``time.perf_counter_ns``; tests stay exact)
+        self._perf_ns = perf_ns or _no_clock
         #: how far ahead of the clock read a sealed reply's stamp is put
         self._lead_ns = 0
         self._lead = 0  # the same in NTP fixed point (2**-32 s)
@@ -425,8 +430,11 @@ class NtsResponder:
     # -- caches ---------------------------------------------------------------
 
     def _use(self, key_set: KeySet) -> None:
-        """Index a newly swapped-in key set by the key ids cookies start with."""
-        self._opens = {_KEY_ID.pack(key.key_id): key for key in key_set.keys}
+        """Index a newly swapped-in key set by the key ids cookies start with:
+        every key it opens with (the schedule's and the accepted ones)."""
+        self._opens = {
+            _KEY_ID.pack(key.key_id): key for key in (*key_set.keys, *key_set.accepted)
+        }
         self._sealer = key_set.current
         self._key_set = key_set
 

@@ -13,6 +13,7 @@ without the client noticing).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 from udptime.roughtime.wire import HASH_SIZE, MAX_PATH_HASHES, digest
@@ -38,7 +39,8 @@ class MerkleTree:
     def __init__(self, leaves: Sequence[bytes]) -> None:
         if not leaves:
             raise ValueError("a Merkle tree needs at least one leaf")
-        level = [leaf_hash(leaf) for leaf in leaves]
+        sha512 = hashlib.sha512
+        level = [sha512(LEAF_PREFIX + leaf).digest()[:HASH_SIZE] for leaf in leaves]
         self.size = len(level)
         width = 1
         while width < len(level):
@@ -48,7 +50,10 @@ class MerkleTree:
         level.extend([PADDING] * (width - len(level)))
         levels = [level]
         while len(level) > 1:
-            level = [node_hash(level[i], level[i + 1]) for i in range(0, len(level), 2)]
+            level = [
+                sha512(NODE_PREFIX + level[i] + level[i + 1]).digest()[:HASH_SIZE]
+                for i in range(0, len(level), 2)
+            ]
             levels.append(level)
         self._levels = levels
 
@@ -70,6 +75,20 @@ class MerkleTree:
             siblings.append(level[index ^ 1])
             index >>= 1
         return b"".join(siblings)
+
+    def paths(self) -> list[bytes]:
+        """:meth:`path` of every leaf in order, computed level by level."""
+        size = self.size
+        columns = []
+        for depth, level in enumerate(self._levels[:-1]):
+            siblings = [level[k ^ 1] for k in range(len(level))]
+            repeat = 1 << depth  # leaf i's node at this depth is i >> depth
+            if repeat > 1:
+                siblings = [node for node in siblings for _ in range(repeat)]
+            columns.append(siblings[:size])
+        if not columns:
+            return [b""] * size
+        return list(map(b"".join, zip(*columns, strict=True)))
 
 
 def root_from_path(leaf: bytes, index: int, path: Sequence[bytes]) -> bytes | None:

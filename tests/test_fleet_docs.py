@@ -1,0 +1,168 @@
+"""What docs/fleet.md hands operators is true: the alert rules query metrics
+the server exports (or that the dashboard lists as planned), the example role
+files parse as udptime command lines, and the systemd template runs them."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import tempfile
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.python import usage
+from twisted.trial import unittest
+
+from tests.support import REPO
+from tests.test_metrics_dashboard import metric_names, planned_names
+from tests.test_metrics_site import http_get, serve_built, statuses
+from udptime.nts.testing import make_certificate
+from udptime.roughtime import keys
+from udptime.tap import Options
+
+RULES = REPO / "deploy" / "prometheus" / "udptime-rules.yml"
+SCRAPE = REPO / "deploy" / "prometheus" / "fleet.yml"
+TEMPLATE = REPO / "deploy" / "udptime@.service"
+ROLES = REPO / "deploy" / "fleet"
+
+
+def rule_expressions(text: str) -> list[str]:
+    """The ``expr:`` of every rule, block scalars (``expr: |``) included."""
+    expressions: list[str] = []
+    lines = text.splitlines()
+    for n, line in enumerate(lines):
+        found = re.match(r"(\s*(?:-\s+)?)expr:\s*(.*)$", line)
+        if found is None:
+            continue
+        indent, value = len(found.group(1)), found.group(2)
+        if value != "|":
+            expressions.append(value)
+            continue
+        block = []
+        for following in lines[n + 1 :]:
+            if following.strip() and len(following) - len(following.lstrip()) <= indent:
+                break
+            block.append(following.strip())
+        expressions.append(" ".join(block))
+    return expressions
+
+
+def environment_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines as systemd reads them: comments, backslash continuation."""
+    values: dict[str, str] = {}
+    pending = ""
+    for line in path.read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1]
+            continue
+        key, _, value = (pending + line).partition("=")
+        values[key.strip()] = value.strip()
+        pending = ""
+    return values
+
+
+class RulesTests(unittest.TestCase):
+    timeout = 60
+
+    async def test_rules_query_exported_metrics(self) -> None:
+        directory = Path(tempfile.mkdtemp(prefix="udptime-fleet-docs-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        cert, key = make_certificate(directory)
+        root = directory / "roughtime-root.pem"
+        keys.write_root_key(root, keys.generate_key())
+        _, port = await serve_built(
+            self,
+            "--listen",
+            "ntp@127.0.0.1:0",
+            "--listen",
+            "roughtime@127.0.0.1:0",
+            "--roughtime-key",
+            str(root),
+            "--nts-ke",
+            "127.0.0.1:0",
+            "--tls-cert",
+            str(cert),
+            "--tls-key",
+            str(key),
+            "--nts-keys",
+            str(directory / "keys.json"),
+        )
+        reply = await http_get(port, b"/metrics")
+        self.assertEqual(statuses(reply), [200])
+        body = reply.split(b"\r\n\r\n", 1)[1].decode()
+        exported = {
+            sample.name
+            for family in text_string_to_metric_families(body)
+            for sample in family.samples
+        }
+        # Prometheus' own: whether the scrape worked.
+        known = exported | planned_names() | {"up"}
+        expressions = rule_expressions(RULES.read_text())
+        self.assertGreaterEqual(len(expressions), 5)
+        for expr in expressions:
+            names = metric_names(expr)
+            self.assertTrue(names, expr)
+            self.assertEqual(names - known, set(), expr)
+        used = set().union(*(metric_names(e) for e in expressions))
+        for name in (
+            "udptime_clock_synchronised",
+            "udptime_nts_naks_total",
+            "udptime_roughtime_delegation_expiry_timestamp_seconds",
+        ):
+            self.assertIn(name, used)
+
+    def test_block_expressions_read_whole(self) -> None:
+        text = "  - expr: |\n      a\n        / b\n    for: 5m\n  - expr: c == 0\n"
+        self.assertEqual(rule_expressions(text), ["a / b", "c == 0"])
+
+    def test_scrape_configuration_labels_every_host(self) -> None:
+        text = SCRAPE.read_text()
+        targets = re.findall(
+            r"targets: \[\"([^\"]+)\"\]\n\s+labels: \{host: (\w+)\}", text
+        )
+        self.assertGreaterEqual(len(targets), 4)
+        self.assertEqual(len({host for _, host in targets}), len(targets))
+        self.assertIn("udptime-rules.yml", text)
+
+
+class RoleFileTests(unittest.TestCase):
+    def test_role_files_are_udptime_command_lines(self) -> None:
+        """Each role's options, with what the template adds, parse (files
+        that only exist on a real host are made here)."""
+        template = TEMPLATE.read_text()
+        self.assertIn("EnvironmentFile=/etc/udptime/%i.conf", template)
+        self.assertIn("--nts-key-secret %d/nts-key-secret $UDPTIME_OPTIONS", template)
+        directory = Path(tempfile.mkdtemp(prefix="udptime-fleet-roles-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        secret = directory / "nts-key-secret"
+        secret.write_text("00" * 32 + "\n")
+        secret.chmod(0o400)  # as systemd's LoadCredential leaves it
+        cert, key = make_certificate(directory)
+        roles = {path.stem: path for path in ROLES.glob("*.conf")}
+        self.assertEqual(set(roles), {"ke", "ntp"})
+        for role, path in roles.items():
+            options = environment_file(path)["UDPTIME_OPTIONS"]
+            options = options.replace(
+                "/run/credentials/udptime@ke.service/tls-cert", str(cert)
+            ).replace("/run/credentials/udptime@ke.service/tls-key", str(key))
+            parsed = Options()
+            try:
+                parsed.parseOptions(
+                    ["--nts-key-secret", str(secret), *shlex.split(options)]
+                )
+            except usage.UsageError as exc:
+                self.fail(f"{role}: {exc}")
+            nts = parsed.config.nts
+            assert nts is not None, role
+            self.assertEqual(nts.key_secret, str(secret))
+            formats = {spec.format for spec in parsed.config.listeners}
+            if role == "ke":
+                self.assertIsNotNone(nts.ke_port)
+                self.assertNotIn("ntp", formats)
+                self.assertGreaterEqual(len(nts.servers), 2)
+            else:
+                self.assertIsNone(nts.ke_port)
+                self.assertIn("ntp", formats)

@@ -1,0 +1,363 @@
+"""A fleet on one machine: four udptime processes on four loopback
+addresses, each in its own working directory, sharing only what an operator
+distributes (the fleet secret, the TLS certificate of the NTS-KE host).
+
+Host 1 (127.0.1.1) serves NTS-KE only and hands out hosts 2 and 3; hosts 2-4
+serve NTP with NTS. Every host serves the text formats. chronyd (``-Q``: it
+never touches the clock) gets cookies from host 1, authenticates with the host
+it was handed, and, once that host is stopped and a rotation period has
+passed, authenticates with the other one using the same cookies: host 1
+counts one NTS-KE session in all. A host with another secret NAKs those
+cookies and counts the NAKs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.trial import unittest
+
+from tests.support import Twistd, query
+from tests.test_nts_e2e import CHRONYD, OFFSET
+from udptime.nts import extensions as ext
+from udptime.nts.cookies import cookie_key_id
+from udptime.nts.derivedkeys import derive_key, period_of
+from udptime.nts.testing import client_header, ke_session, make_certificate, nts_request
+
+ROTATE = 6.0
+TEXT_FORMATS = ("ctime", "daytime", "time")
+_SERVING = re.compile(r"serving (\S+) on (UDP|TCP) (\S+) port (\d+)")
+
+
+def loopback_usable(address: str) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((address, 0))
+        except OSError:
+            return False
+    return True
+
+
+class Host:
+    """One udptime process with its own working directory; every port is
+    chosen by the kernel and read back from the log."""
+
+    def __init__(
+        self,
+        test: unittest.TestCase,
+        address: str,
+        listens: tuple[str, ...],
+        options: tuple[str, ...],
+        expect_ke: bool = False,
+    ) -> None:
+        self.address = address
+        self.directory = Path(tempfile.mkdtemp(prefix=f"udptime-fleet-{address}-"))
+        test.addCleanup(shutil.rmtree, self.directory, True)
+        args = ["udptime"]
+        for fmt in listens:
+            args += ["--listen", f"{fmt}@{address}:0"]
+        args += ["--metrics", f"{address}:0", "--summary-interval", "0", *options]
+        self.twistd = Twistd(test, args, cwd=self.directory)
+        expected = {*listens, "metrics", *(["NTS-KE"] if expect_ke else [])}
+        self.ports: dict[str, int] = {}
+        deadline = time.monotonic() + 20
+        while set(self.ports) != expected:
+            if self.twistd.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{address} did not start:\n{self.log()}")
+            time.sleep(0.05)
+            for name, _, _, port in _SERVING.findall(self.log()):
+                self.ports[name] = int(port)
+
+    def log(self) -> str:
+        return self.twistd.log_text()
+
+    def metrics(self) -> dict[str, float]:
+        """Unlabelled samples by name, and udptime_role as role:NAME."""
+        samples = scrape_at(self.address, self.ports["metrics"])
+        values: dict[str, float] = {}
+        for (name, labels), value in samples.items():
+            if name == "udptime_role":
+                values[f"role:{dict(labels)['role']}"] = value
+            elif not labels:
+                values[name] = value
+        return values
+
+    def roles(self) -> set[str]:
+        return {k[5:] for k, v in self.metrics().items() if k.startswith("role:") and v}
+
+    def stop(self) -> None:
+        self.twistd.terminate()
+
+
+def scrape_at(
+    address: str, port: int
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample by (name, labels); tests.test_metrics.scrape asks 127.0.0.1."""
+    with urllib.request.urlopen(f"http://{address}:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def write_secret(path: Path) -> bytes:
+    secret = secrets.token_bytes(32)
+    path.write_text(secret.hex() + "\n")
+    path.chmod(0o600)
+    return secret
+
+
+def run_chronyd(
+    ke_port: int, cert: Path, dump: Path, timeout: int = 20
+) -> tuple[float | None, str]:
+    """chronyd -Q, NTS with NTS-KE at 127.0.1.1: the offset it prints (or None)."""
+    workdir = Path(tempfile.mkdtemp(prefix="udptime-fleet-chrony-"))
+    try:
+        conf = workdir / "chrony.conf"
+        conf.write_text(
+            f"server 127.0.1.1 nts ntsport {ke_port} iburst minpoll -6 maxpoll -6 "
+            "maxsamples 4\n"
+            f"ntstrustedcerts {cert}\n"
+            f"ntsdumpdir {dump}\n"
+            f"pidfile {workdir}/chronyd.pid\n"
+            "cmdport 0\n"
+        )
+        done = subprocess.run(
+            [CHRONYD, "-Q", "-f", str(conf), "-t", str(timeout), "-u", "root"],
+            capture_output=True,
+            check=False,
+            timeout=timeout + 40,
+            text=True,
+        )
+    finally:
+        shutil.rmtree(workdir, True)
+    output = done.stdout + done.stderr
+    found = OFFSET.search(output)
+    return (float(found.group(1)) if found else None), output
+
+
+class Dump:
+    """chronyd's NTS dump for 127.0.1.1 (NNC0): the NTP address it was handed
+    and the cookies it holds."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "127.0.1.1.nts"
+
+    def lines(self) -> list[str]:
+        lines = self.path.read_text().splitlines()
+        assert lines[0] == "NNC0", lines[:1]
+        return lines
+
+    def address(self) -> tuple[str, int]:
+        host, port = self.lines()[3].split()
+        return host, int(port)
+
+    def move_to(self, address: str, port: int) -> None:
+        """What DNS or anycast do for a name: the same address, another host."""
+        lines = self.lines()
+        lines[3] = f"{address} {port}"
+        self.path.write_text("\n".join(lines) + "\n")
+
+    def cookies(self) -> list[bytes]:
+        # identifier, name, context time, address + port, context, cookies
+        return [bytes.fromhex(line) for line in self.lines()[5:] if line]
+
+
+def periods_of(secret: bytes, cookies: list[bytes]) -> set[int]:
+    """The rotation periods whose keys sealed *cookies* (near now)."""
+    now = period_of(time.time(), ROTATE)
+    ids = {derive_key(secret, n, ROTATE).key_id: n for n in range(now - 10, now + 2)}
+    return {ids.get(cookie_key_id(c) or 0, -1) for c in cookies}
+
+
+class FleetTests(unittest.TestCase):
+    timeout = 240
+
+    def setUp(self) -> None:
+        for n in range(1, 5):
+            if not loopback_usable(f"127.0.1.{n}"):
+                raise unittest.SkipTest(f"cannot bind 127.0.1.{n}")
+        # What the operator distributes: the fleet secret to every host, the
+        # TLS certificate and key to the NTS-KE host.
+        self.shared = Path(tempfile.mkdtemp(prefix="udptime-fleet-shared-"))
+        self.addCleanup(shutil.rmtree, self.shared, True)
+        self.secret_path = self.shared / "fleet.secret"
+        self.secret = write_secret(self.secret_path)
+        self.cert, self.key = make_certificate(self.shared, addresses=("127.0.1.1",))
+
+    def ntp_host(self, n: int) -> Host:
+        return Host(
+            self,
+            f"127.0.1.{n}",
+            ("ntp", *TEXT_FORMATS),
+            (
+                "--local-stratum",
+                "10",
+                "--rate-limit",
+                "off",
+                "--nts",
+                "--nts-key-secret",
+                str(self.secret_path),
+                "--nts-rotate",
+                str(ROTATE),
+            ),
+        )
+
+    def test_chrony_moves_between_hosts_with_its_cookies(self) -> None:
+        ntp_hosts = {n: self.ntp_host(n) for n in (2, 3, 4)}
+        ke_host = Host(
+            self,
+            "127.0.1.1",
+            TEXT_FORMATS,
+            (
+                "--nts-ke",
+                "127.0.1.1:0",
+                "--tls-cert",
+                str(self.cert),
+                "--tls-key",
+                str(self.key),
+                "--nts-key-secret",
+                str(self.secret_path),
+                "--nts-rotate",
+                str(ROTATE),
+                "--nts-server",
+                f"127.0.1.2:{ntp_hosts[2].ports['ntp']}",
+                "--nts-server",
+                f"127.0.1.3:{ntp_hosts[3].ports['ntp']}",
+            ),
+            expect_ke=True,
+        )
+        hosts = [ke_host, *ntp_hosts.values()]
+        # Plain NTP and the text formats answer from every host.
+        for host in hosts:
+            for fmt in TEXT_FORMATS:
+                answer = query(host.address, host.ports[fmt], b"?", timeout=2)
+                self.assertIsNotNone(answer, f"{fmt} on {host.address}")
+        for host in ntp_hosts.values():
+            answer = query(host.address, host.ports["ntp"], client_header(), timeout=2)
+            assert answer is not None, host.address
+            self.assertEqual(len(answer[0]), 48)
+            self.assertEqual(answer[0][1], 10)  # --local-stratum
+        self.assertNotIn("ntp", ke_host.ports)
+        # Each host says which roles it serves.
+        self.assertEqual(ke_host.roles(), {*TEXT_FORMATS, "nts-ke"})
+        for host in ntp_hosts.values():
+            self.assertEqual(host.roles(), {*TEXT_FORMATS, "ntp", "nts"})
+
+        dump_dir = Path(tempfile.mkdtemp(prefix="udptime-fleet-dump-"))
+        self.addCleanup(shutil.rmtree, dump_dir, True)
+        dump_dir.chmod(0o700)
+        dump = Dump(dump_dir)
+
+        # 1. Key exchange with host 1, NTP with the host it names.
+        offset, output = run_chronyd(ke_host.ports["NTS-KE"], self.cert, dump_dir)
+        self.assertIsNotNone(offset, output)
+        self.assertEqual(ke_host.metrics()["udptime_nts_ke_sessions_total"], 1)
+        address, port = dump.address()
+        first = next(n for n, h in ntp_hosts.items() if h.address == address)
+        self.assertIn(first, (2, 3))
+        self.assertEqual(port, ntp_hosts[first].ports["ntp"])
+        self.assertIn(f"changed to {address}", output)
+        self.assertGreater(
+            ntp_hosts[first].metrics()["udptime_nts_authenticated_total"], 0
+        )
+        sealed = periods_of(self.secret, dump.cookies())
+        self.assertEqual(len(sealed), 1, sealed)
+        (period,) = sealed
+        self.assertGreaterEqual(period, 0)
+
+        # 2. That host goes away; the name now reaches the other one, and a
+        # rotation period passes.
+        ntp_hosts[first].stop()
+        second = 5 - first
+        other = ntp_hosts[second]
+        dump.move_to(other.address, other.ports["ntp"])
+        deadline = time.monotonic() + 2 * ROTATE
+        while period_of(time.time(), ROTATE) <= period:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.1)
+        offset, output = run_chronyd(ke_host.ports["NTS-KE"], self.cert, dump_dir)
+        self.assertIsNotNone(offset, output)
+        self.assertIn(f"changed to {other.address}", output)
+        # No second key exchange: the cookies host 1 sealed opened on host N.
+        self.assertEqual(ke_host.metrics()["udptime_nts_ke_sessions_total"], 1)
+        counts = other.metrics()
+        self.assertGreater(counts["udptime_nts_authenticated_total"], 0)
+        self.assertEqual(counts["udptime_nts_naks_total"], 0)
+        # Host N sent it fresh cookies, of the later period; any it has not
+        # spent yet are still those host 1 sealed.
+        now_held = periods_of(self.secret, dump.cookies())
+        self.assertGreater(max(now_held), period)
+        self.assertGreaterEqual(min(now_held), period)
+
+
+class SecretMismatchTests(unittest.TestCase):
+    """Hosts that do not share the secret: NAKs, counted where the cookie
+    does not open, and nowhere else."""
+
+    timeout = 60
+
+    def test_naks_counted_on_the_host_with_another_secret(self) -> None:
+        shared = Path(tempfile.mkdtemp(prefix="udptime-fleet-mismatch-"))
+        self.addCleanup(shutil.rmtree, shared, True)
+        cert, key = make_certificate(shared)
+        right, wrong = shared / "fleet.secret", shared / "stale.secret"
+        write_secret(right)
+        write_secret(wrong)
+        nts = ("--nts-key-secret", str(right), "--rate-limit", "off")
+        ke_host = Host(
+            self,
+            "127.0.0.1",
+            ("ntp",),
+            (
+                "--nts-ke",
+                "127.0.0.1:0",
+                "--tls-cert",
+                str(cert),
+                "--tls-key",
+                str(key),
+                *nts,
+            ),
+            expect_ke=True,
+        )
+        good = Host(self, "127.0.0.1", ("ntp",), ("--nts", *nts))
+        bad = Host(
+            self,
+            "127.0.0.1",
+            ("ntp",),
+            ("--nts", "--nts-key-secret", str(wrong), "--rate-limit", "off"),
+        )
+        session = ke_session(ke_host.ports["NTS-KE"], cert)
+        for host, nak in ((good, False), (bad, True), (ke_host, False)):
+            for cookie in session.cookies[:2]:
+                unique_id = os.urandom(32)
+                request = nts_request(session.keys, cookie, unique_id)
+                answer = query("127.0.0.1", host.ports["ntp"], request, timeout=2)
+                assert answer is not None, host.ports
+                reply = ext.open_response(
+                    answer[0], AESSIV(session.keys.s2c), unique_id
+                )
+                self.assertEqual(reply.nak, nak)
+                if nak:
+                    self.assertEqual(answer[0][12:16], b"NTSN")
+            counts = host.metrics()
+            self.assertEqual(counts["udptime_nts_naks_total"], 2 if nak else 0)
+            self.assertEqual(counts["udptime_nts_authenticated_total"], 0 if nak else 2)
+        # The fingerprints in the logs tell the operator which host differs.
+        fingerprint = re.compile(r"fleet secret \S+ \(([0-9a-f]{8})\)")
+        prints = [fingerprint.findall(h.log()) for h in (ke_host, good, bad)]
+        self.assertEqual(prints[0], prints[1])
+        self.assertNotEqual(prints[0], prints[2])
