@@ -8,6 +8,7 @@ import select
 import socket
 import struct
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import replace
 from unittest import skipUnless
 
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
@@ -402,6 +403,19 @@ class ResponderTests(unittest.TestCase):
         request = self.client.request()
         self.assertNak(self.reply(request), request)
         self.assertEqual(self.responder.counters.naks, 1)
+
+    def test_cookie_under_an_accepted_key_opens(self) -> None:
+        # Keys a second fleet secret derives only open (KeySet.accepted).
+        other = MasterKey(0x0A0B0C0D, os.urandom(64), NOW)
+        self.client.cookie = other.seal(KEYS, os.urandom(16))
+        request = self.client.request()
+        self.assertNak(self.reply(request), request)
+        self.store.key_set = replace(self.store.key_set, accepted=(other,))
+        reply = self.reply(self.client.request())
+        opened = ext.open_response(reply, self.client.s2c, self.client.unique_id)
+        self.assertFalse(opened.nak)
+        # New cookies are sealed under the current key, not the accepted one.
+        self.assertEqual(self.store.key_set.current.open(opened.cookies[0]), KEYS)
 
     def test_expired_key_nak(self) -> None:
         request = self.client.request()
