@@ -20,6 +20,7 @@ from twisted.trial import unittest
 from tests.test_nts_support import make_certificate
 from udptime.config import Config, NtsConfig
 from udptime.ntp import ServerState
+from udptime.nts.certificate import CertificateService
 from udptime.nts.cookies import DEFAULT_ROTATE
 from udptime.nts.derivedkeys import derived_key_set
 from udptime.nts.ke import (
@@ -31,6 +32,7 @@ from udptime.nts.ke import (
 from udptime.nts.keyfile import KeyFileService
 from udptime.nts.keysecret import KeySecretService
 from udptime.nts.options import (
+    KE_BACKLOG,
     KeService,
     nts_services,
     parse_ke_address,
@@ -127,6 +129,12 @@ class CheckTests(unittest.TestCase):
                 "7",
                 "--nts-ke-timeout",
                 "2.5",
+                "--nts-ke-first-byte-timeout",
+                "0.5",
+                "--nts-ke-handshake-timeout",
+                "1.5",
+                "--nts-ke-per-source",
+                "2",
             )
         )
         nts = options.nts
@@ -136,6 +144,18 @@ class CheckTests(unittest.TestCase):
         self.assertEqual(nts.ke_rate_limit, RateLimit(1.0, 5))
         self.assertEqual(nts.ke_connections, 7)
         self.assertEqual(nts.ke_timeout, 2.5)
+        self.assertEqual(
+            (nts.ke_first_byte_timeout, nts.ke_handshake_timeout), (0.5, 1.5)
+        )
+        self.assertEqual(nts.ke_per_source, 2)
+        ke = nts_services(options, reactor, 123)[0][1]
+        assert isinstance(ke, KeService)
+        self.assertEqual(
+            (ke.factory.ke.first_byte_timeout, ke.factory.ke.handshake_timeout),
+            (0.5, 1.5),
+        )
+        slots = ke.factory.slots
+        self.assertEqual((slots.total, slots.per_address, slots.per_network), (7, 2, 8))
         self.assertEqual(nts.servers, (("ntp.example", None),))
         off = self.parse(*self.nts("--nts-ke-rate-limit", "off")).nts
         assert off is not None
@@ -159,6 +179,9 @@ class CheckTests(unittest.TestCase):
             self.nts("--nts-keys", ""),
             self.nts("--tls-cert", str(self.dir / "nope.pem")),
             self.nts("--tls-key", str(self.cert)),
+            self.nts("--nts-ke-first-byte-timeout", "0"),
+            self.nts("--nts-ke-handshake-timeout", "soon"),
+            self.nts("--nts-ke-per-source", "0"),
         ]
         for args in bad:
             with self.assertRaises(usage.UsageError, msg=args) as caught:
@@ -198,9 +221,12 @@ class CheckTests(unittest.TestCase):
     def test_services(self) -> None:
         options = self.parse(*self.nts())
         services, cookies = nts_services(options, reactor, 20123)
-        self.assertEqual([s.name for s in services], ["nts-keys", "nts-ke"])
-        keys, ke = services
+        self.assertEqual(
+            [s.name for s in services], ["nts-keys", "nts-ke", "nts-certificate"]
+        )
+        keys, ke, certificate = services
         assert isinstance(keys, KeyFileService) and isinstance(ke, KeService)
+        assert isinstance(certificate, CertificateService)
         assert cookies is not None
         local = ServerState(0, 10, -20, 0.0, 0.01, b"LOCL", None)
         ntp = NtpResponder(lambda: local, lambda: 0)
@@ -216,6 +242,11 @@ class CheckTests(unittest.TestCase):
         self.assertEqual(len(keys.holder.key_set.keys), 2)  # current and next
         self.assertIs(ke.factory.ke.keys, keys.holder)
         self.assertGreater(ke.bound_port, 0)
+        self.assertEqual(ke.kwargs["backlog"], KE_BACKLOG)
+        # A reload installs the pair where new handshakes take their context.
+        context = ke.factory.creator.context
+        self.assertIn("new handshakes present CN=localhost", certificate.reload())
+        self.assertIsNot(ke.factory.creator.context, context)
 
     def test_unusable_keys_file_at_start(self) -> None:
         options = self.parse(*self.nts())
@@ -233,7 +264,11 @@ class CheckTests(unittest.TestCase):
         self.patch(sys, "stderr", stderr)
         with self.assertRaises(SystemExit):
             nts_services(options, reactor, 123)
-        self.assertIn("TLS certificate or key", stderr.getvalue())
+        self.assertEqual(
+            stderr.getvalue(),
+            f"udptime: --tls-key {str(self.dir / 'gone.pem')!r}: cannot read it: "
+            "No such file or directory\n",
+        )
 
     def test_workers_get_no_ke(self) -> None:
         options = self.parse(*self.nts())
@@ -342,7 +377,7 @@ class RoleTests(unittest.TestCase):
         self.assertEqual(nts.servers, (("127.0.1.2", 1123), ("ntp.example", None)))
         self.assertEqual(Config.from_json(config.to_json()), config)
         services, cookies = nts_services(config, reactor, 123)
-        keys, ke = services
+        keys, ke, _certificate = services
         assert isinstance(keys, KeySecretService) and isinstance(ke, KeService)
         self.assertEqual(ke.factory.ke.servers, nts.servers)
         keys.startService()

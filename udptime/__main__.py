@@ -1,6 +1,6 @@
 """``python -m udptime query HOST ...``: the same command as ``udptime``."""
 
-from udptime.client import main
+from udptime.command import main
 
 if __name__ == "__main__":
     main()

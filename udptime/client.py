@@ -30,7 +30,7 @@ import struct
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -836,10 +836,8 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-async def _run(reactor: Any, args: argparse.Namespace) -> None:
-    if args.format == "roughtime":
-        await _run_roughtime(reactor, args)
-        return
+async def run(reactor: Any, args: argparse.Namespace) -> None:
+    """``udptime query`` for the NTP and text formats, from parsed arguments."""
     port = args.port if args.port is not None else DEFAULT_PORTS[args.format]
     try:
         result = await query(
@@ -854,10 +852,10 @@ async def _run(reactor: Any, args: argparse.Namespace) -> None:
     except (QueryError, CannotListenError) as exc:
         sys.stderr.write(f"udptime: {exc}\n")
         raise SystemExit(EXIT_NO_REPLY) from None
-    _emit(json.dumps(result.as_dict()) if args.json else describe(result, args.host))
+    emit(json.dumps(result.as_dict()) if args.json else describe(result, args.host))
 
 
-def _emit(text: str) -> None:
+def emit(text: str) -> None:
     """Print the result; a reader that went away or a full disk is exit 3.
 
     The query succeeded, so "no valid reply" (1) would be a lie, and a
@@ -883,37 +881,3 @@ def _emit(text: str) -> None:
         except OSError:
             pass
         raise SystemExit(EXIT_OUTPUT) from None
-
-
-async def _run_roughtime(reactor: Any, args: argparse.Namespace) -> None:
-    from udptime.roughtime.query import run
-
-    try:
-        text, trouble = await run(reactor, args)
-    except (QueryError, CannotListenError, OSError) as exc:
-        sys.stderr.write(f"udptime: {exc}\n")
-        raise SystemExit(EXIT_NO_REPLY) from None
-    _emit(text)
-    if trouble is not None:
-        sys.stderr.write(f"udptime: {trouble}\n")
-        raise SystemExit(EXIT_NO_REPLY)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``udptime query ...``; exit statuses as in :data:`EXIT_STATUSES`."""
-    from twisted.internet import task
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["roughtime"]:  # its own parser, --help included
-        from udptime.roughtime import cli
-
-        raise SystemExit(cli.main(argv[1:]))
-    args = parser().parse_args(argv)
-    from udptime.roughtime.query import check_args
-
-    problem = check_args(args)
-    if problem is None and args.host is None and args.servers is None:
-        problem = "HOST is required"
-    if problem is not None:
-        args.usage_error(problem)
-    task.react(lambda reactor: defer.Deferred.fromCoroutine(_run(reactor, args)))

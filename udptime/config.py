@@ -25,10 +25,13 @@ from udptime.listener import DEFAULT_RECEIVE_BUFFER
 from udptime.listenspec import ListenSpec
 from udptime.nts.cookies import DEFAULT_ROTATE
 from udptime.nts.ke import (
+    DEFAULT_FIRST_BYTE_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_KE_RATE_LIMIT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_TIMEOUT,
 )
+from udptime.nts.slots import DEFAULT_PER_ADDRESS
 from udptime.policy import (
     DEFAULT_LOOP_PORTS,
     DEFAULT_RATE_LIMIT,
@@ -192,6 +195,10 @@ class NtsConfig:
     ke_rate_limit: RateLimit | None = DEFAULT_KE_RATE_LIMIT
     ke_connections: int = DEFAULT_MAX_CONNECTIONS
     ke_timeout: float = DEFAULT_TIMEOUT
+    ke_first_byte_timeout: float = DEFAULT_FIRST_BYTE_TIMEOUT
+    ke_handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    #: concurrent KE connections per address (an IPv6 /64: four times as many)
+    ke_per_source: int = DEFAULT_PER_ADDRESS
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +289,9 @@ class Config:
                 ke_rate_limit=_rate_limit(nts["ke_rate_limit"]),
                 ke_connections=nts["ke_connections"],
                 ke_timeout=nts["ke_timeout"],
+                ke_first_byte_timeout=nts["ke_first_byte_timeout"],
+                ke_handshake_timeout=nts["ke_handshake_timeout"],
+                ke_per_source=nts["ke_per_source"],
             ),
             metrics=None if metrics is None else MetricsConfig(**metrics),
             roughtime=None

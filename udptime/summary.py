@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application import service
@@ -27,9 +27,13 @@ class SummaryService(service.Service):
         interval: float,
         listeners: Callable[[], list[ListenerStats]],
         clock: Any,
+        *,
+        also: Sequence[Callable[[float], None]] = (),
     ) -> None:
         self.step = interval
         self._listeners = listeners
+        #: called with the interval after the listeners' lines (NTS-KE's line)
+        self._also = list(also)
         self._last: dict[tuple[str, str, int, str], dict[str, int]] = {}
         self._loop = LoopingCall(self.summarise)
         self._loop.clock = clock
@@ -64,3 +68,5 @@ class SummaryService(service.Service):
                 summary=True,
                 **delta,
             )
+        for call in self._also:
+            call(self.step)

@@ -9,7 +9,7 @@ only that config, in the twistd process and in each ``--workers`` process.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -51,6 +51,7 @@ from udptime.listenspec import (
 from udptime.metrics import ListenerStats, UdptimeCollector, parse_metrics_address
 from udptime.metrics_site import Health, MetricsService, host_port, metrics_site
 from udptime.ntp import refid_from_text
+from udptime.nts.certificate import CertificateService
 from udptime.nts.keyfile import KeyFileService
 from udptime.nts.keysecret import KeySecretService
 from udptime.nts.options import (
@@ -58,6 +59,8 @@ from udptime.nts.options import (
     NTS_OPT_PARAMETERS,
     KeService,
     nts_config,
+    nts_gauges,
+    nts_metric_families,
     nts_services,
     parse_ntp_server,
 )
@@ -388,7 +391,9 @@ class Options(usage.Options):
         )
 
 
-def _gauges(policy: Policy | None) -> Callable[[], dict[str, tuple[str, float]]]:
+def _gauges(
+    policy: Policy | None, nts: Sequence[Any] = ()
+) -> Callable[[], dict[str, tuple[str, float]]]:
     def gauges() -> dict[str, tuple[str, float]]:
         kernel = read_kernel_clock()
         values = {
@@ -406,6 +411,7 @@ def _gauges(policy: Policy | None) -> Callable[[], dict[str, tuple[str, float]]]
                 "Sources in the rate limiter's table.",
                 float(len(policy)),
             )
+        values.update(nts_gauges(nts))
         return values
 
     return gauges
@@ -476,9 +482,19 @@ def _nts_counters(
         ),
         "nts_ke_sessions": (
             "NTS-KE sessions that handed out cookies.",
-            float(sum(factory.counters.sessions for factory in ke)),
+            float(sum(factory.counters.completed for factory in ke)),
         ),
     }
+
+
+def _families(*sources: Callable[[], Iterable[Any]]) -> Callable[[], Iterator[Any]]:
+    """Whole metric families from each of *sources*, one after another."""
+
+    def families() -> Iterator[Any]:
+        for source in sources:
+            yield from source()
+
+    return families
 
 
 def _roles(config: Config, services: list[Any]) -> list[str]:
@@ -644,16 +660,21 @@ def build_service(
     for service_ in nts:
         if isinstance(service_, KeySecretService):
             top.signals.reloaders["NTS key secrets"] = service_.reload
+        if isinstance(service_, CertificateService):
+            top.signals.reloaders["NTS certificate"] = service_.reload
     top.signals.setName("signals")  # type: ignore[no-untyped-call]
     top.signals.setServiceParent(top)  # type: ignore[no-untyped-call]
     roughtime.attach(top, roughtime_keys, config.summary_interval, reactor)
     if metrics is not None:
         collector = UdptimeCollector(
             top.stats,
-            _gauges(policy),
+            _gauges(policy, nts),
             _counters(nts, top.listeners),
             _roles(config, nts),
-            families=roughtime.metric_families(top.listeners, roughtime_keys),
+            families=_families(
+                roughtime.metric_families(top.listeners, roughtime_keys),
+                nts_metric_families(nts),
+            ),
         )
         site = metrics_site(collector, reactor, _health(top, config.workers))
         server = MetricsService(metrics.host, metrics.port, site, reactor)
@@ -665,6 +686,7 @@ def build_service(
             config.summary_interval,
             lambda: [listener.stats for listener in top.listeners],
             reactor,
+            also=[s.factory.summarise for s in nts if isinstance(s, KeService)],
         )
         summary.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top

@@ -8,13 +8,20 @@ and eight cookies sealing the keys both sides export from the TLS session.
 Bounded against abuse:
 
 - TLS 1.3 only, and only with ALPN ``ntske/1`` (any other offer gets a fatal
-  ``no_application_protocol`` alert; no offer at all is closed after the
-  handshake);
-- *timeout* seconds from connect to response, handshake included;
+  ``no_application_protocol`` alert, RFC 7301 section 3.2; no offer at all is
+  closed after the handshake);
+- three deadlines from connect: the first TLS byte within
+  *first_byte_timeout*, the end of the handshake within *handshake_timeout*,
+  the response within *timeout*;
 - a request longer than *max_request* bytes closes the connection;
-- at most *max_connections* at once;
+- at most *max_connections* at once, fewer per address and per IPv6 /64, and
+  a full server evicts a connection still waiting for its first byte (or
+  handshake) rather than refuse a newcomer (:mod:`udptime.nts.slots`);
 - a per-source connection rate limit (a :class:`udptime.policy.Policy` of its
   own) and the server's access lists, checked before any TLS work is done.
+
+Every connection ends in one outcome, counted in :class:`KeCounters`: a
+completed exchange, or a failure with one of :data:`FAILURE_REASONS`.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from OpenSSL import SSL
@@ -35,12 +42,17 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger, LogLevel
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import (
+    BufferingTLSTransport,
+    TLSMemoryBIOFactory,
+    TLSMemoryBIOProtocol,
+)
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from udptime.logthrottle import LogThrottle
 from udptime.nts import records as rec
+from udptime.nts.certificate import CertificateError, CertificatePair, load_pair
 from udptime.nts.cookies import (
     AEAD_KEY_LENGTHS,
     COOKIE_NONCE_LENGTH,
@@ -48,13 +60,33 @@ from udptime.nts.cookies import (
     Random,
 )
 from udptime.nts.keyset import KeyHolder, KeySet
-from udptime.policy import ANSWER, Policy, PolicyError, RateLimit, pack_host
+from udptime.nts.slots import (
+    DEFAULT_PER_ADDRESS,
+    DEFAULT_PER_NETWORK,
+    Slot,
+    SlotTable,
+    Stage,
+)
+from udptime.policy import (
+    ANSWER,
+    DENY,
+    DENY_KISS,
+    Policy,
+    PolicyError,
+    RateLimit,
+    pack_host,
+)
 
 ALPN = b"ntske/1"
 EXPORTER_LABEL = b"EXPORTER-network-time-security"
 DEFAULT_KE_PORT = 4460
 NTP_PORT = 123
 DEFAULT_TIMEOUT = 10.0
+#: From connect: a client sends its ClientHello at once, so a connection still
+#: silent after this holds a slot for nothing.
+DEFAULT_FIRST_BYTE_TIMEOUT = 2.0
+#: From connect: a TLS 1.3 handshake is one round trip after the ClientHello.
+DEFAULT_HANDSHAKE_TIMEOUT = 4.0
 DEFAULT_MAX_REQUEST = 1024
 DEFAULT_MAX_CONNECTIONS = 100
 #: Per source (IPv4 address or IPv6 /64): a client needs a session a day or so.
@@ -191,20 +223,40 @@ def respond(
 # -- TLS ----------------------------------------------------------------------
 
 
+class AlpnRefused(SSL.Error):
+    """The client offered ALPN without ``ntske/1``."""
+
+    def __init__(self) -> None:
+        # Shaped like OpenSSL's error queue, as Twisted reads SSL.Error.
+        super().__init__([("udptime", "NTS-KE", "no ntske/1 among the ALPN offers")])
+
+
 def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> bytes:
-    # An empty answer makes OpenSSL end the handshake with a fatal
-    # no_application_protocol alert (RFC 7301 section 3.2).
-    return ALPN if ALPN in offered else b""
+    if ALPN in offered:
+        return ALPN
+    # Raising makes OpenSSL end the handshake with a fatal no_application_protocol
+    # alert (120), as RFC 7301 section 3.2 requires. Returning b"" would send
+    # internal_error (80); pyOpenSSL's NO_OVERLAPPING_PROTOCOLS would carry on
+    # without ALPN.
+    raise AlpnRefused
 
 
-def tls_context(cert_path: str, key_path: str) -> SSL.Context:
-    """A TLS 1.3-only server context for NTS-KE; ``SSL.Error`` for bad files."""
+def context_for(pair: CertificatePair) -> SSL.Context:
+    """A TLS 1.3-only server context for NTS-KE serving *pair*."""
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_min_proto_version(SSL.TLS1_3_VERSION)
     context.set_max_proto_version(SSL.TLS1_3_VERSION)
-    context.use_certificate_chain_file(cert_path)
-    context.use_privatekey_file(key_path)
-    context.check_privatekey()
+    try:
+        context.use_certificate(pair.chain[0])
+        for extra in pair.chain[1:]:
+            context.add_extra_chain_cert(extra)
+        context.use_privatekey(pair.key)
+        context.check_privatekey()
+    except SSL.Error as exc:
+        raise CertificateError(
+            f"--tls-cert {pair.cert_path!r} / --tls-key {pair.key_path!r}: "
+            f"OpenSSL refuses them ({exc})"
+        ) from None
     context.set_alpn_select_callback(_select_alpn)
     # One request per connection: nothing to resume, no ticket key to keep.
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
@@ -212,9 +264,18 @@ def tls_context(cert_path: str, key_path: str) -> SSL.Context:
     return context
 
 
+def tls_context(cert_path: str, key_path: str) -> SSL.Context:
+    """:func:`context_for` the pair in these files; :class:`CertificateError`."""
+    return context_for(load_pair(cert_path, key_path))
+
+
 @implementer(IOpenSSLServerConnectionCreator)
 class TlsServerCreator:
-    """Hands Twisted's TLS protocol a connection on our own TLS 1.3 context."""
+    """Hands Twisted's TLS protocol a connection on the current TLS context.
+
+    Replacing :attr:`context` (a certificate reload) changes what new
+    handshakes present; connections made before keep theirs.
+    """
 
     def __init__(self, context: SSL.Context) -> None:
         self.context = context
@@ -227,45 +288,133 @@ class TlsServerCreator:
 
 # -- the protocol ---------------------------------------------------------------
 
+COMPLETED = "completed"
+#: Why a key exchange failed, one per connection that did not complete:
+#: ``tls`` the handshake failed or the client left during it; ``alpn`` no
+#: ``ntske/1`` offered; ``records`` a bad, oversized, incomplete or
+#: unanswerable request (an Error record, or nothing in common); ``internal``
+#: our fault (error 2 sent); ``timeout`` a deadline passed; ``rate`` and
+#: ``denied`` refused by the rate limit or access lists at connect; ``cap``
+#: refused at connect or evicted because the connection caps were reached.
+FAILURE_REASONS = (
+    "tls",
+    "alpn",
+    "records",
+    "internal",
+    "timeout",
+    "rate",
+    "denied",
+    "cap",
+)
+
 
 @dataclass
 class KeCounters:
     """NTS-KE activity since start."""
 
+    #: connections given a slot (TLS started)
     accepted: int = 0
-    refused_busy: int = 0
-    refused_policy: int = 0
-    sessions: int = 0
-    no_agreement: int = 0
-    errors_sent: int = 0
-    timeouts: int = 0
-    oversized: int = 0
-    bad_alpn: int = 0
+    #: key exchanges that sent cookies
+    completed: int = 0
+    #: the others, by reason (connections refused at connect included)
+    failed: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(FAILURE_REASONS, 0)
+    )
+    #: of ``failed["cap"]``: connections pushed out by newcomers
+    evicted: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        """Flat counts for summaries: accepted, completed, each reason, evicted."""
+        return {
+            "accepted": self.accepted,
+            "completed": self.completed,
+            **self.failed,
+            "evicted": self.evicted,
+        }
 
 
 @implementer(IHandshakeListener)
 class KeProtocol(Protocol):
-    """One NTS-KE session, below TLS: the decrypted request in, response out."""
+    """One NTS-KE session, below TLS: the decrypted request in, response out.
+
+    It also keeps the connection's deadlines and its place in the slot table:
+    :class:`KeTlsProtocol` reports the first byte, TLS the handshake.
+    """
+
+    #: its place in the admission table (``None`` when built without one)
+    slot: Slot[KeProtocol] | None = None
 
     def __init__(self, factory: KeFactory, peer: IAddress) -> None:
         self.factory = factory
         self.peer = peer
         self._buffer = b""
         self._done = False
+        self._outcome: str | None = None
+        self._handshake_done = False
+        self._started = 0.0
         self._timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
-        self.factory.active += 1
-        self._timer = self.factory.clock.callLater(self.factory.timeout, self._expired)
+        self._started = self.factory.clock.seconds()
+        self._deadline(self.factory.first_byte_timeout, "no TLS byte")
 
-    def _expired(self) -> None:
+    def _deadline(self, after_connect: float, what: str) -> None:
+        """(Re)arm the one timer: *what* happens unless the next stage comes."""
+        if self._timer is not None:
+            self._timer.cancel()
+        clock = self.factory.clock
+        seconds = min(after_connect, self.factory.timeout)
+        delay = max(0.0, self._started + seconds - clock.seconds())
+        self._timer = clock.callLater(delay, self._expired, what, seconds)
+
+    def _expired(self, what: str, seconds: float) -> None:
         self._timer = None
-        self.factory.counters.timeouts += 1
-        self._abort("timed out")
+        self._fail("timeout", f"{what} within {seconds:g} s of connecting")
 
-    def _abort(self, why: str) -> None:
-        self._done = True
+    def first_byte_received(self) -> None:
+        """The client spoke: out of the first-byte stage."""
+        if self._outcome is not None:
+            return
+        if self.slot is not None:
+            self.slot.advance(Stage.HANDSHAKE)
+        self._deadline(self.factory.handshake_timeout, "TLS handshake not finished")
+
+    def handshakeCompleted(self) -> None:
+        self._handshake_done = True
+        tls = self._tls()
+        if tls is None or tls.get_alpn_proto_negotiated() != ALPN:
+            self._fail("alpn", "refused: no ntske/1 ALPN")
+            return
+        if tls.get_protocol_version_name() != "TLSv1.3":  # pragma: no cover
+            self._fail("tls", "refused: not TLS 1.3")
+            return
+        if self.slot is not None:
+            self.slot.advance(Stage.SESSION)
+        self._deadline(self.factory.timeout, "no complete request")
+
+    def evict(self) -> None:
+        """Pushed out by a newcomer while the server is full."""
+        if self._outcome is None:
+            self.factory.counters.evicted += 1
+        self._fail("cap", "evicted: the server is full and this one was slowest")
+
+    def _finish(self, outcome: str, why: str) -> None:
+        """Count this connection's one outcome (later ones are consequences)."""
+        if self._outcome is not None:
+            return
+        self._outcome = outcome
+        counters = self.factory.counters
+        if outcome == COMPLETED:
+            counters.completed += 1
+        else:
+            counters.failed[outcome] += 1
         self.factory.note(self.peer, why)
+
+    def _fail(self, reason: str, why: str) -> None:
+        self._done = True
+        self._finish(reason, why)
+        if self.slot is not None:
+            self.slot.release()  # now, not when the close is done
         transport: Any = self.transport
         if transport is not None:
             transport.abortConnection()
@@ -275,21 +424,12 @@ class KeProtocol(Protocol):
         get_handle = getattr(self.transport, "getHandle", None)
         return get_handle() if get_handle is not None else None
 
-    def handshakeCompleted(self) -> None:
-        tls = self._tls()
-        if tls is None or tls.get_alpn_proto_negotiated() != ALPN:
-            self.factory.counters.bad_alpn += 1
-            self._abort("refused: no ntske/1 ALPN")
-        elif tls.get_protocol_version_name() != "TLSv1.3":  # pragma: no cover
-            self._abort("refused: not TLS 1.3")
-
     def dataReceived(self, data: bytes) -> None:
         if self._done:
             return
         self._buffer += data
         if len(self._buffer) > self.factory.max_request:
-            self.factory.counters.oversized += 1
-            self._abort(f"request over {self.factory.max_request} bytes")
+            self._fail("records", f"request over {self.factory.max_request} bytes")
             return
         try:
             parsed = rec.parse_message(self._buffer)
@@ -302,7 +442,7 @@ class KeProtocol(Protocol):
     def _answer(self, request: list[rec.Record]) -> None:
         tls = self._tls()
         if tls is None or tls.get_alpn_proto_negotiated() != ALPN:
-            self._abort("refused: no ntske/1 ALPN")
+            self._fail("alpn", "refused: no ntske/1 ALPN")
             return
         factory = self.factory
         try:
@@ -325,26 +465,34 @@ class KeProtocol(Protocol):
 
     def _send(self, response: list[rec.Record]) -> None:
         self._done = True
-        factory = self.factory
         if response[0].type == rec.ERROR:
-            factory.counters.errors_sent += 1
-            factory.note(self.peer, f"error {rec.u16_list(response[0].body)[0]} sent")
+            code = rec.u16_list(response[0].body)[0]
+            reason = "internal" if code == rec.ERROR_INTERNAL else "records"
+            self._finish(reason, f"error {code} sent")
         elif any(record.type == rec.NEW_COOKIE for record in response):
-            factory.counters.sessions += 1
-            factory.note(self.peer, f"session: {len(response)} records sent")
+            self._finish(COMPLETED, f"session: {len(response)} records sent")
         else:
-            factory.counters.no_agreement += 1
-            factory.note(self.peer, "no protocol or AEAD algorithm in common")
+            self._finish("records", "no protocol or AEAD algorithm in common")
+        # The session deadline stays armed: a client that never reads the
+        # response must not hold its slot past it.
         transport = self.transport
         assert transport is not None
         transport.write(rec.encode_records(response))
         transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.factory.active -= 1
+        if self.slot is not None:
+            self.slot.release()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._outcome is None:
+            if reason.check(AlpnRefused):
+                self._finish("alpn", "refused: no ntske/1 among its ALPN offers")
+            elif not self._handshake_done:
+                self._finish("tls", f"TLS failed: {reason.getErrorMessage()}")
+            else:
+                self._finish("records", "closed before a complete request")
 
 
 class KeFactory(Factory):
@@ -360,6 +508,8 @@ class KeFactory(Factory):
         settings: KeSettings | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
+        first_byte_timeout: float = DEFAULT_FIRST_BYTE_TIMEOUT,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_request: int = DEFAULT_MAX_REQUEST,
         verbose: bool = False,
         servers: Sequence[NtpServer] = (),
@@ -370,9 +520,10 @@ class KeFactory(Factory):
         #: NTP servers to hand out, one per session (:func:`server_settings`)
         self.servers = tuple(servers)
         self.timeout = timeout
+        self.first_byte_timeout = first_byte_timeout
+        self.handshake_timeout = handshake_timeout
         self.max_request = max_request
         self.verbose = verbose
-        self.active = 0
         self.counters = KeCounters()
 
     def buildProtocol(self, addr: IAddress | None) -> KeProtocol:
@@ -390,6 +541,20 @@ def _peer_text(peer: IAddress | None) -> str:
     return f"{host} port {port}" if host is not None else repr(peer)
 
 
+class KeTlsProtocol(BufferingTLSTransport):
+    """Twisted's TLS wrapper, telling the session when the first byte arrives."""
+
+    _heard = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._heard:
+            self._heard = True
+            wrapped = self.wrappedProtocol
+            if isinstance(wrapped, KeProtocol):
+                wrapped.first_byte_received()
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
+
+
 class KeTlsFactory(TLSMemoryBIOFactory):
     """The listening factory: admission first, then TLS around :class:`KeFactory`.
 
@@ -399,6 +564,7 @@ class KeTlsFactory(TLSMemoryBIOFactory):
 
     log = Logger()
     noisy = False
+    protocol = KeTlsProtocol
 
     def __init__(
         self,
@@ -407,44 +573,96 @@ class KeTlsFactory(TLSMemoryBIOFactory):
         *,
         policy: Policy | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        per_address: int = DEFAULT_PER_ADDRESS,
+        per_network: int = DEFAULT_PER_NETWORK,
     ) -> None:
         super().__init__(creator, False, wrapped, wrapped.clock)
+        self.creator = creator
         self.ke = wrapped
         self.policy = policy
-        self.max_connections = max_connections
+        self.slots: SlotTable[KeProtocol] = SlotTable(
+            max_connections, per_address, per_network
+        )
         self._refusals = LogThrottle(wrapped.clock)
+        self._last: dict[str, int] = {}
+
+    @property
+    def active(self) -> int:
+        """Connections holding a slot now."""
+        return len(self.slots)
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         ke = self.ke
-        if ke.active >= self.max_connections:
-            ke.counters.refused_busy += 1
-            self._refused(addr, "too many connections")
-            return None
+        host = getattr(addr, "host", None)
+        try:
+            packed = pack_host(host) if isinstance(host, str) else None
+        except PolicyError:
+            packed = None
         policy = self.policy
         if policy is not None:
-            host = getattr(addr, "host", None)
-            port = getattr(addr, "port", 0)
-            try:
-                packed = pack_host(host) if isinstance(host, str) else None
-            except PolicyError:
-                packed = None
-            if packed is None or (
-                policy.admit(packed, port, ke.clock.seconds(), False, False)
-                is not ANSWER
-            ):
-                ke.counters.refused_policy += 1
-                self._refused(addr, "rate limit or access list")
+            decision = (
+                None
+                if packed is None
+                else policy.admit(
+                    packed, getattr(addr, "port", 0), ke.clock.seconds(), False, False
+                )
+            )
+            if decision is not ANSWER:
+                denied = decision in (None, DENY, DENY_KISS)
+                self._refuse(
+                    addr,
+                    "denied" if denied else "rate",
+                    "access list" if denied else "rate limit",
+                )
                 return None
+        slot, why, evicted = self.slots.admit(packed or b"")
+        if slot is None:
+            self._refuse(addr, "cap", why)
+            return None
+        if evicted is not None and evicted.handle is not None:
+            victim = evicted.handle
+            self._warn(victim.peer, "evicted (server full, handshake unfinished)")
+            victim.evict()
         ke.counters.accepted += 1
-        return super().buildProtocol(addr)
+        wrapper = super().buildProtocol(addr)
+        session: Any = wrapper.wrappedProtocol
+        session.slot = slot
+        slot.handle = session
+        return wrapper
 
-    def _refused(self, addr: IAddress | None, why: str) -> None:
+    def _refuse(self, addr: IAddress | None, reason: str, why: str) -> None:
+        self.ke.counters.failed[reason] += 1
+        self._warn(addr, f"refused ({why})")
+
+    def _warn(self, addr: IAddress | None, what: str) -> None:
         allowed, suppressed = self._refusals.allow()
         if allowed:
             self.log.emit(
                 LogLevel.warn,
-                "NTS-KE: refused {peer} ({why}; {suppressed} similar suppressed)",
+                "NTS-KE: {peer}: {what}; {suppressed} similar suppressed",
                 peer=_peer_text(addr),
-                why=why,
+                what=what,
                 suppressed=suppressed,
             )
+
+    def summarise(self, interval: float) -> None:
+        """One log line: key exchanges since the last one (for the summaries)."""
+        now = self.ke.counters.snapshot()
+        delta = {k: v - self._last.get(k, 0) for k, v in now.items()}
+        self._last = now
+        failed = {r: delta[r] for r in FAILURE_REASONS if delta[r]}
+        self.log.info(
+            "NTS-KE: {completed} completed, {failed_total} failed{detail}, "
+            "{active} open now, in the last {interval} s",
+            completed=delta["completed"],
+            failed_total=sum(failed.values()),
+            detail=(
+                " (" + ", ".join(f"{r} {n}" for r, n in failed.items()) + ")"
+                if failed
+                else ""
+            ),
+            active=self.active,
+            interval=interval,
+            summary=True,
+            nts_ke=delta,
+        )

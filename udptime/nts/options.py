@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from OpenSSL import SSL
 from twisted.application import internet
 from twisted.application.service import IService
 from twisted.internet.error import CannotListenError
@@ -49,23 +48,33 @@ from udptime.config import (
     parse_seconds,
 )
 from udptime.listenspec import ListenSpec, ListenSpecError, parse_host, parse_port
+from udptime.nts.certificate import (
+    CertificateError,
+    CertificatePair,
+    CertificateService,
+    load_pair,
+)
 from udptime.nts.cookies import DEFAULT_ROTATE, KeyFileError, decode_keys_file
 from udptime.nts.derivedkeys import SecretError
 from udptime.nts.ke import (
+    DEFAULT_FIRST_BYTE_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_KE_PORT,
     DEFAULT_KE_RATE_LIMIT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_TIMEOUT,
+    FAILURE_REASONS,
     KeFactory,
     KeSettings,
     KeTlsFactory,
     NtpServer,
     TlsServerCreator,
-    tls_context,
+    context_for,
 )
 from udptime.nts.keyfile import KeyFileService
 from udptime.nts.keysecret import KeySecretService, read_secret
 from udptime.nts.responder import CookieJar
+from udptime.nts.slots import DEFAULT_PER_ADDRESS
 from udptime.policy import Policy, parse_rate_limit
 
 
@@ -149,14 +158,14 @@ NTS_OPT_PARAMETERS: list[list[Any]] = [
         "tls-cert",
         None,
         None,
-        "NTS-KE: TLS certificate chain, PEM (leaf first).",
+        "NTS-KE: TLS certificate chain, PEM (leaf first); re-read on SIGHUP.",
         coerce("--tls-cert", parse_file_name),
     ],
     [
         "tls-key",
         None,
         None,
-        "NTS-KE: TLS private key, PEM.",
+        "NTS-KE: TLS private key, PEM, unencrypted; re-read on SIGHUP.",
         coerce("--tls-key", parse_file_name),
     ],
     [
@@ -212,7 +221,10 @@ NTS_OPT_PARAMETERS: list[list[Any]] = [
         "nts-ke-connections",
         None,
         DEFAULT_MAX_CONNECTIONS,
-        "NTS-KE: most sessions at once; more are refused.",
+        (
+            "NTS-KE: most connections at once; when full, the oldest one still "
+            "in its TLS handshake is closed for a newcomer."
+        ),
         coerce("--nts-ke-connections", parse_positive),
     ],
     [
@@ -221,6 +233,30 @@ NTS_OPT_PARAMETERS: list[list[Any]] = [
         DEFAULT_TIMEOUT,
         "NTS-KE: seconds a session may take, TLS handshake included.",
         coerce("--nts-ke-timeout", parse_seconds),
+    ],
+    [
+        "nts-ke-first-byte-timeout",
+        None,
+        DEFAULT_FIRST_BYTE_TIMEOUT,
+        "NTS-KE: seconds from connecting to the client's first TLS byte.",
+        coerce("--nts-ke-first-byte-timeout", parse_seconds),
+    ],
+    [
+        "nts-ke-handshake-timeout",
+        None,
+        DEFAULT_HANDSHAKE_TIMEOUT,
+        "NTS-KE: seconds from connecting to the end of the TLS handshake.",
+        coerce("--nts-ke-handshake-timeout", parse_seconds),
+    ],
+    [
+        "nts-ke-per-source",
+        None,
+        DEFAULT_PER_ADDRESS,
+        (
+            "NTS-KE: most connections at once from one address (from one IPv6 "
+            "/64: four times as many)."
+        ),
+        coerce("--nts-ke-per-source", parse_positive),
     ],
 ]
 
@@ -267,11 +303,9 @@ def nts_config(
                 "--nts-server naming the hosts that serve NTP"
             )
         try:
-            tls_context(cert, key)
-        except (SSL.Error, OSError) as exc:
-            raise usage.UsageError(
-                f"--tls-cert {cert!r} / --tls-key {key!r}: cannot use them ({exc})"
-            ) from None
+            context_for(load_pair(cert, key))
+        except CertificateError as exc:
+            raise usage.UsageError(str(exc)) from None
     secret, accept = options["nts-key-secret"], options["nts-key-secret-accept"]
     if accept is not None and secret is None:
         raise usage.UsageError("--nts-key-secret-accept needs --nts-key-secret")
@@ -293,6 +327,9 @@ def nts_config(
         ke_rate_limit=options["nts-ke-rate-limit"],
         ke_connections=options["nts-ke-connections"],
         ke_timeout=options["nts-ke-timeout"],
+        ke_first_byte_timeout=options["nts-ke-first-byte-timeout"],
+        ke_handshake_timeout=options["nts-ke-handshake-timeout"],
+        ke_per_source=options["nts-ke-per-source"],
     )
 
 
@@ -323,6 +360,12 @@ def _check_keys_file(path: str) -> None:
         raise usage.UsageError(f"--nts-keys {path!r}: {exc}") from None
 
 
+#: Connections the kernel queues for accept (Twisted's default is 50). Under a
+#: flood of clients reconnecting as fast as they are refused, a short queue
+#: overflows and drops a real client's SYN, which it resends a second later.
+KE_BACKLOG = 1024
+
+
 class KeService(internet.TCPServer):
     """The NTS-KE listener: bound in ``privilegedStartService``, says where."""
 
@@ -331,7 +374,9 @@ class KeService(internet.TCPServer):
     def __init__(
         self, host: str, port: int, factory: KeTlsFactory, reactor: Any
     ) -> None:
-        super().__init__(port, factory, interface=host, reactor=reactor)  # type: ignore[no-untyped-call]
+        super().__init__(  # type: ignore[no-untyped-call]
+            port, factory, interface=host, backlog=KE_BACKLOG, reactor=reactor
+        )
         self.factory = factory
 
     def _getPort(self) -> Any:
@@ -371,7 +416,9 @@ def nts_services(
 
     Add every returned service to the server's ``MultiService``: the keys
     file's owner (:class:`KeyFileService`) and, with *serve_ke*, the
-    NTS-KE listener (:class:`KeService`, bound in ``privilegedStartService``).
+    NTS-KE listener (:class:`KeService`, bound in ``privilegedStartService``)
+    and the certificate it serves (:class:`CertificateService`, whose
+    ``reload`` is the SIGHUP reloader).
     The TLS certificate and key are read here, while still privileged.
     *ntp_port* is the NTP listener's port, sent to clients when not 123.
     Worker processes pass ``serve_ke=False``: the main process serves NTS-KE
@@ -393,16 +440,25 @@ def nts_services(
     if serve_ke and nts.ke_host is not None and nts.ke_port is not None:
         assert nts.tls_cert is not None and nts.tls_key is not None
         try:
-            context = tls_context(nts.tls_cert, nts.tls_key)
-        except (SSL.Error, OSError) as exc:
-            sys.stderr.write(f"udptime: NTS-KE TLS certificate or key: {exc}\n")
+            pair = load_pair(nts.tls_cert, nts.tls_key)
+            creator = TlsServerCreator(context_for(pair))
+        except CertificateError as exc:
+            sys.stderr.write(f"udptime: {exc}\n")
             sys.stderr.flush()
             raise SystemExit(1) from None
+
+        def install(new: CertificatePair) -> None:
+            creator.context = context_for(new)
+
+        certificate = CertificateService(pair, install, reactor)
+        certificate.setName("nts-certificate")  # type: ignore[no-untyped-call]
         ke = KeFactory(
             keys.holder,
             reactor,
             KeSettings(ntp_port=ntp_port),
             timeout=nts.ke_timeout,
+            first_byte_timeout=nts.ke_first_byte_timeout,
+            handshake_timeout=nts.ke_handshake_timeout,
             verbose=config.verbose,
             servers=nts.servers,
         )
@@ -413,12 +469,65 @@ def nts_services(
             loop_ports=(),
         )
         tls = KeTlsFactory(
-            TlsServerCreator(context),
+            creator,
             ke,
             policy=policy,
             max_connections=nts.ke_connections,
+            per_address=nts.ke_per_source,
+            per_network=4 * nts.ke_per_source,
         )
         ke_service = KeService(nts.ke_host, nts.ke_port, tls, reactor)
         ke_service.setName("nts-ke")  # type: ignore[no-untyped-call]
-        services.append(ke_service)
+        services += [ke_service, certificate]
     return services, keys.holder
+
+
+#: A metric's help and value.
+Metric = tuple[str, float]
+
+
+def nts_gauges(services: Sequence[IService]) -> dict[str, Metric]:
+    """Gauges of the NTS services (``udptime_`` is prefixed by the collector)."""
+    values: dict[str, Metric] = {}
+    for svc in services:
+        if isinstance(svc, CertificateService):
+            values["nts_certificate_expiry_timestamp_seconds"] = (
+                "When the NTS-KE certificate being served expires (Unix time).",
+                svc.expiry,
+            )
+        elif isinstance(svc, KeService):
+            values["nts_ke_connections"] = (
+                "NTS-KE connections open now.",
+                float(svc.factory.active),
+            )
+    return values
+
+
+def nts_metric_families(services: Sequence[IService]) -> Callable[[], Iterator[Any]]:
+    """NTS-KE's labelled counters for ``UdptimeCollector(families=...)``.
+
+    Completed exchanges are ``udptime_nts_ke_sessions_total`` (tap.py); the
+    others are counted here by reason.
+    """
+    factories = [svc.factory.ke for svc in services if isinstance(svc, KeService)]
+
+    def families() -> Iterator[Any]:
+        if not factories:
+            return
+        from prometheus_client.core import CounterMetricFamily
+
+        failed = CounterMetricFamily(
+            "udptime_nts_ke_failed",
+            (
+                "NTS-KE connections that got no cookies, by reason: tls, alpn, "
+                "records, internal, timeout, rate, denied, cap."
+            ),
+            labels=["reason"],
+        )
+        for reason in FAILURE_REASONS:
+            failed.add_metric(
+                [reason], float(sum(f.counters.failed[reason] for f in factories))
+            )
+        yield failed
+
+    return families

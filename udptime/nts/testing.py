@@ -9,6 +9,7 @@ import datetime
 import ipaddress
 import os
 import select
+import selectors
 import socket
 import time
 from collections.abc import Sequence
@@ -39,9 +40,15 @@ def make_certificate(
     cert_name: str = "cert.pem",
     key_name: str = "key.pem",
     addresses: Sequence[str] = ("127.0.0.1",),
+    valid_from: datetime.datetime | None = None,
+    valid_until: datetime.datetime | None = None,
+    passphrase: bytes | None = None,
 ) -> tuple[Path, Path]:
     """A self-signed P-256 certificate for localhost and *addresses*, and its
-    key, written to *directory* as *cert_name* and *key_name*."""
+    key, written to *directory* as *cert_name* and *key_name*.
+
+    Valid from a day ago for 30 days unless *valid_from*/*valid_until* say
+    otherwise; the key is encrypted when a *passphrase* is given."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.UTC)
@@ -51,8 +58,8 @@ def make_certificate(
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
+        .not_valid_before(valid_from or now - datetime.timedelta(days=1))
+        .not_valid_after(valid_until or now + datetime.timedelta(days=30))
         .add_extension(
             x509.SubjectAlternativeName(
                 [
@@ -72,7 +79,9 @@ def make_certificate(
         key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
+            serialization.NoEncryption()
+            if passphrase is None
+            else serialization.BestAvailableEncryption(passphrase),
         )
     )
     os.chmod(key_path, 0o600)
@@ -105,6 +114,8 @@ class KeResult:
     raw: bytes
     records: list[rec.Record]
     keys: CookieKeys
+    #: the server's leaf certificate, DER
+    peer_certificate: bytes = b""
 
     @property
     def cookies(self) -> list[bytes]:
@@ -130,12 +141,14 @@ def ke_session(
     host: str = "127.0.0.1",
     timeout: float = 10.0,
     strict: bool = False,
+    source: str | None = None,
 ) -> KeResult:
     """One NTS-KE session as a client; ``SSL.Error`` when TLS refuses it.
 
     The response is read until the server closes. With *strict*, a server
     that did not select ALPN ``ntske/1`` or whose response is incomplete is a
-    :class:`KeError`, and reading stops at End of Message."""
+    :class:`KeError`, and reading stops at End of Message. *source* is the
+    local address to connect from (any 127.x address on loopback)."""
     context = SSL.Context(SSL.TLS_CLIENT_METHOD)
     context.set_min_proto_version(SSL.TLS1_3_VERSION)
     context.load_verify_locations(str(cafile))
@@ -143,7 +156,9 @@ def ke_session(
     offered = [ALPN] if alpn is None else alpn
     if offered:
         context.set_alpn_protos(offered)
-    sock = socket.create_connection((host, port), timeout)
+    sock = socket.create_connection(
+        (host, port), timeout, None if source is None else (source, 0)
+    )
     sock.setblocking(False)
     deadline = time.monotonic() + timeout
     conn = SSL.Connection(context, sock)
@@ -189,13 +204,15 @@ def ke_session(
             conn.export_keying_material(EXPORTER_LABEL, 32, context_bytes + b"\x00"),
             conn.export_keying_material(EXPORTER_LABEL, 32, context_bytes + b"\x01"),
         )
+        peer = conn.get_peer_certificate(as_cryptography=True)
+        der = b"" if peer is None else peer.public_bytes(serialization.Encoding.DER)
     finally:
         sock.close()
     parsed = rec.parse_message(raw)
     if strict and parsed is None:
         raise KeError(f"incomplete NTS-KE response ({len(raw)} bytes)")
     records = parsed[0] if parsed is not None else []
-    return KeResult(raw, records, keys)
+    return KeResult(raw, records, keys, der)
 
 
 def client_header(transmit: bytes = b"") -> bytes:
@@ -215,3 +232,63 @@ def nts_request(
         os.urandom(16),
         placeholders=placeholders,
     )
+
+
+@dataclass
+class FloodReport:
+    """What :func:`silent_flood` did."""
+
+    #: connections made, the first ones included
+    connects: int = 0
+    #: connections the server closed (each was made again at once)
+    closed: int = 0
+    #: connect attempts that failed outright (refused, no port)
+    failed: int = 0
+
+
+def silent_flood(
+    host: str, port: int, sources: list[str], duration: float
+) -> FloodReport:
+    """Hold one TCP connection from each of *sources* to *host*:*port*, never
+    sending a byte, and reconnect each as soon as the server closes it, for
+    *duration* seconds: the cheapest attack on a TLS server's connection
+    slots. For loopback tests (bind the sources among 127.0.0.0/8)."""
+    report = FloodReport()
+    selector = selectors.DefaultSelector()
+
+    def connect(source: str) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.bind((source, 0))
+            sock.connect_ex((host, port))
+        except OSError:
+            report.failed += 1
+            sock.close()
+            return
+        report.connects += 1
+        selector.register(sock, selectors.EVENT_READ, source)
+
+    for source in sources:
+        connect(source)
+    end = time.monotonic() + duration
+    try:
+        while (left := end - time.monotonic()) > 0:
+            for key, _ in selector.select(min(left, 0.2)):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                try:
+                    data = sock.recv(4096)
+                except OSError:
+                    data = b""
+                if data:
+                    continue  # never expected: the server speaks second
+                selector.unregister(sock)
+                sock.close()
+                report.closed += 1
+                connect(key.data)
+    finally:
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
+        selector.close()
+    return report
