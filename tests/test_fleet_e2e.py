@@ -357,10 +357,12 @@ class FleetTests(unittest.TestCase):
         self.assertGreater(
             ntp_hosts[first].metrics()["udptime_nts_authenticated_total"], 0
         )
+        # Host 1 sealed the first cookies; the host chronyd talked to sent
+        # fresh ones, in a later period if chronyd's run crossed a boundary.
         sealed = periods_of(self.secret, dump.cookies())
-        self.assertEqual(len(sealed), 1, sealed)
-        (period,) = sealed
-        self.assertGreaterEqual(period, 0)
+        period = min(sealed)
+        self.assertGreaterEqual(period, 0, sealed)
+        self.assertLessEqual(max(sealed) - period, 1, sealed)
 
         # 2. That host goes away; the name now reaches the other one, and a
         # rotation period passes.
