@@ -1,6 +1,7 @@
 """What docs/fleet.md hands operators is true: the alert rules query metrics
 the server exports (or that the dashboard lists as planned), the example role
-files parse as udptime command lines, and the systemd template runs them."""
+files parse as udptime command lines, and the systemd template and drop-ins
+load every credential they name."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 import shlex
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -25,6 +27,15 @@ RULES = REPO / "deploy" / "prometheus" / "udptime-rules.yml"
 SCRAPE = REPO / "deploy" / "prometheus" / "fleet.yml"
 TEMPLATE = REPO / "deploy" / "udptime@.service"
 ROLES = REPO / "deploy" / "fleet"
+_CREDENTIAL = re.compile(r"/run/credentials/udptime@(\w+)\.service/([\w-]+)")
+
+
+def write_delegation(directory: Path) -> Path:
+    """A fleet host's delegation file, from a root key made and dropped here."""
+    now = int(time.time())
+    path = directory / "roughtime-delegation"
+    keys.write_delegation(path, keys.delegate(keys.generate_key(), now, now + 86_400))
+    return path
 
 
 def rule_expressions(text: str) -> list[str]:
@@ -71,16 +82,16 @@ class RulesTests(unittest.TestCase):
         directory = Path(tempfile.mkdtemp(prefix="udptime-fleet-docs-"))
         self.addCleanup(shutil.rmtree, directory, True)
         cert, key = make_certificate(directory)
-        root = directory / "roughtime-root.pem"
-        keys.write_root_key(root, keys.generate_key())
+        # Every role of the fleet in one server: NTP, NTS-KE, Roughtime under
+        # a delegation file.
         _, port = await serve_built(
             self,
             "--listen",
             "ntp@127.0.0.1:0",
             "--listen",
             "roughtime@127.0.0.1:0",
-            "--roughtime-key",
-            str(root),
+            "--roughtime-delegation",
+            str(write_delegation(directory)),
             "--nts-ke",
             "127.0.0.1:0",
             "--tls-cert",
@@ -113,6 +124,7 @@ class RulesTests(unittest.TestCase):
             "udptime_roughtime_delegation_expiry_timestamp_seconds",
         ):
             self.assertIn(name, used)
+            self.assertIn(name, exported)
 
     def test_block_expressions_read_whole(self) -> None:
         text = "  - expr: |\n      a\n        / b\n    for: 5m\n  - expr: c == 0\n"
@@ -141,13 +153,20 @@ class RoleFileTests(unittest.TestCase):
         secret.write_text("00" * 32 + "\n")
         secret.chmod(0o400)  # as systemd's LoadCredential leaves it
         cert, key = make_certificate(directory)
+        files = {
+            "tls-cert": cert,
+            "tls-key": key,
+            "roughtime-delegation": write_delegation(directory),
+        }
         roles = {path.stem: path for path in ROLES.glob("*.conf")}
         self.assertEqual(set(roles), {"ke", "ntp"})
         for role, path in roles.items():
             options = environment_file(path)["UDPTIME_OPTIONS"]
-            options = options.replace(
-                "/run/credentials/udptime@ke.service/tls-cert", str(cert)
-            ).replace("/run/credentials/udptime@ke.service/tls-key", str(key))
+            for unit, name in _CREDENTIAL.findall(options):
+                self.assertEqual(unit, role, options)
+                options = options.replace(
+                    f"/run/credentials/udptime@{role}.service/{name}", str(files[name])
+                )
             parsed = Options()
             try:
                 parsed.parseOptions(
@@ -163,6 +182,39 @@ class RoleFileTests(unittest.TestCase):
                 self.assertIsNotNone(nts.ke_port)
                 self.assertNotIn("ntp", formats)
                 self.assertGreaterEqual(len(nts.servers), 2)
+                self.assertEqual(nts.tls_cert, str(cert))
             else:
                 self.assertIsNone(nts.ke_port)
                 self.assertIn("ntp", formats)
+                self.assertIn("roughtime", formats)
+                roughtime = parsed.config.roughtime
+                assert roughtime is not None
+                self.assertEqual(
+                    roughtime.delegation_file, str(files["roughtime-delegation"])
+                )
+                self.assertIsNone(roughtime.key_file)  # the root key stays offline
+
+    def test_every_credential_a_role_names_is_loaded(self) -> None:
+        """A path under /run/credentials/udptime@ROLE.service/ in a role file
+        is a LoadCredential= of the template or of that role's drop-in."""
+        loaded: dict[str, set[str]] = {"ke": set(), "ntp": set()}
+        template = set(
+            re.findall(r"^LoadCredential=([\w-]+):", TEMPLATE.read_text(), re.MULTILINE)
+        )
+        self.assertIn("nts-key-secret", template)
+        for role in loaded:
+            loaded[role] |= template
+            for drop_in in (ROLES / f"udptime@{role}.service.d").glob("*.conf"):
+                text = drop_in.read_text()
+                self.assertIn("[Service]", text)
+                loaded[role] |= set(
+                    re.findall(r"^LoadCredential=([\w-]+):/\S+$", text, re.MULTILINE)
+                )
+        named = {
+            role: {name for _, name in _CREDENTIAL.findall(path.read_text())}
+            for role, path in ((p.stem, p) for p in ROLES.glob("*.conf"))
+        }
+        self.assertEqual(named["ke"], {"tls-cert", "tls-key"})
+        self.assertEqual(named["ntp"], {"roughtime-delegation"})
+        for role, names in named.items():
+            self.assertLessEqual(names, loaded[role], role)

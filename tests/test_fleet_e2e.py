@@ -1,27 +1,38 @@
 """A fleet on one machine: four udptime processes on four loopback
 addresses, each in its own working directory, sharing only what an operator
-distributes (the fleet secret, the TLS certificate of the NTS-KE host).
+distributes (the fleet secret, the TLS certificate of the NTS-KE host, each
+host's own Roughtime delegation).
 
 Host 1 (127.0.1.1) serves NTS-KE only and hands out hosts 2 and 3; hosts 2-4
-serve NTP with NTS. Every host serves the text formats. chronyd (``-Q``: it
-never touches the clock) gets cookies from host 1, authenticates with the host
-it was handed, and, once that host is stopped and a rotation period has
-passed, authenticates with the other one using the same cookies: host 1
-counts one NTS-KE session in all. A host with another secret NAKs those
-cookies and counts the NAKs.
+serve NTP with NTS, and Roughtime under a delegation that ``udptime roughtime
+delegate`` signed with a root key no host ever sees. Every host serves the
+text formats. chronyd (``-Q``: it never touches the clock) gets cookies from
+host 1, authenticates with the host it was handed, and, once that host is
+stopped and a rotation period has passed, authenticates with the other one
+using the same cookies: host 1 counts one NTS-KE session in all. A host with
+another secret NAKs those cookies and counts the NAKs. ``udptime query -f
+roughtime`` and, when ``UDPTIME_ROUGHTIME_PEER`` names a Python with
+``roughly`` (an independent implementation; see
+tests/test_roughtime_interop.py), roughly's client query hosts 2-4 in a chain
+from the fleet's server list (one entry per host, the one root public key)
+and verify every reply under that key.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
@@ -30,14 +41,35 @@ from twisted.trial import unittest
 
 from tests.support import Twistd, query
 from tests.test_nts_e2e import CHRONYD, OFFSET
+from tests.test_roughtime_interop import PEER_ENV
 from udptime.nts import extensions as ext
 from udptime.nts.cookies import cookie_key_id
 from udptime.nts.derivedkeys import derive_key, period_of
 from udptime.nts.testing import client_header, ke_session, make_certificate, nts_request
+from udptime.roughtime import keys, verify
 
 ROTATE = 6.0
 TEXT_FORMATS = ("ctime", "daytime", "time")
 _SERVING = re.compile(r"serving (\S+) on (UDP|TCP) (\S+) port (\d+)")
+NTP_HOSTS = (2, 3, 4)
+#: What each NTP host's delegation is called in its own directory.
+DELEGATION = "roughtime.json"
+
+# roughly's chain over the fleet's server list, through its library: each
+# server queried in turn (each nonce derived from the reply before), each
+# reply verified under the list's public key before it is kept, then the
+# whole chain checked again (signatures, nonces) as its malfeasance check
+# does. Prints the chain as a report and the verdict.
+ROUGHLY_CHAIN = """
+import asyncio, json, sys
+from pathlib import Path
+import roughly.ecosystem as eco
+
+servers = eco.load_ecosystem(Path(sys.argv[1]))
+responses = asyncio.run(asyncio.wait_for(eco.query_servers(servers), 60))
+report = eco.malfeasance_report(responses, servers)
+print(json.dumps({"malfeasance": eco.confirm_malfeasance(report), "report": report}))
+"""
 
 
 def loopback_usable(address: str) -> bool:
@@ -60,10 +92,14 @@ class Host:
         listens: tuple[str, ...],
         options: tuple[str, ...],
         expect_ke: bool = False,
+        distributed: Mapping[str, Path] | None = None,
     ) -> None:
         self.address = address
         self.directory = Path(tempfile.mkdtemp(prefix=f"udptime-fleet-{address}-"))
         test.addCleanup(shutil.rmtree, self.directory, True)
+        # Files the operator installs on this host only (mode kept: 0600).
+        for name, source in (distributed or {}).items():
+            shutil.copy(source, self.directory / name)
         args = ["udptime"]
         for fmt in listens:
             args += ["--listen", f"{fmt}@{address}:0"]
@@ -92,6 +128,11 @@ class Host:
             elif not labels:
                 values[name] = value
         return values
+
+    def total(self, name: str) -> float:
+        """A sample summed over its labels (per listener, per reason)."""
+        samples = scrape_at(self.address, self.ports["metrics"])
+        return sum(v for (n, _), v in samples.items() if n == name)
 
     def roles(self) -> set[str]:
         return {k[5:] for k, v in self.metrics().items() if k.startswith("role:") and v}
@@ -176,6 +217,20 @@ class Dump:
         return [bytes.fromhex(line) for line in self.lines()[5:] if line]
 
 
+def udptime_cli(cwd: Path, *args: str) -> str:
+    """``udptime ARGS`` as an operator runs it; its standard output."""
+    done = subprocess.run(
+        [sys.executable, "-m", "udptime", *args],
+        capture_output=True,
+        check=False,
+        cwd=str(cwd),
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, f"udptime {' '.join(args)}: {done.stderr}"
+    return done.stdout
+
+
 def periods_of(secret: bytes, cookies: list[bytes]) -> set[int]:
     """The rotation periods whose keys sealed *cookies* (near now)."""
     now = period_of(time.time(), ROTATE)
@@ -197,13 +252,33 @@ class FleetTests(unittest.TestCase):
         self.secret_path = self.shared / "fleet.secret"
         self.secret = write_secret(self.secret_path)
         self.cert, self.key = make_certificate(self.shared, addresses=("127.0.1.1",))
+        # The signing machine: the Roughtime root key is made here and never
+        # leaves; it signs one delegation per NTP host, each copied to that
+        # host only.
+        self.signing = Path(tempfile.mkdtemp(prefix="udptime-fleet-signing-"))
+        self.addCleanup(shutil.rmtree, self.signing, True)
+        printed = udptime_cli(
+            self.signing, "roughtime", "keygen", "--out", "root.pem"
+        ).strip()
+        self.root_public = base64.b64decode(printed, validate=True)
+        self.online_keys: dict[int, str] = {}
+        for n in NTP_HOSTS:
+            printed = udptime_cli(
+                self.signing, "roughtime", "delegate", "--root", "root.pem",
+                "--out", f"host{n}.json", "--days", "30",
+            )  # fmt: skip
+            found = re.match(r"online key (\S+) valid ", printed)
+            assert found is not None, printed
+            self.online_keys[n] = found.group(1)
 
     def ntp_host(self, n: int) -> Host:
         return Host(
             self,
             f"127.0.1.{n}",
-            ("ntp", *TEXT_FORMATS),
+            ("ntp", "roughtime", *TEXT_FORMATS),
             (
+                # CI's kernel clock is often unsynchronised: serve it anyway
+                # (NTP at stratum 10, Roughtime with --roughtime-radius).
                 "--local-stratum",
                 "10",
                 "--rate-limit",
@@ -213,11 +288,15 @@ class FleetTests(unittest.TestCase):
                 str(self.secret_path),
                 "--nts-rotate",
                 str(ROTATE),
+                "--roughtime-delegation",
+                DELEGATION,
             ),
+            distributed={DELEGATION: self.signing / f"host{n}.json"},
         )
 
-    def test_chrony_moves_between_hosts_with_its_cookies(self) -> None:
-        ntp_hosts = {n: self.ntp_host(n) for n in (2, 3, 4)}
+    def start_fleet(self) -> tuple[Host, dict[int, Host]]:
+        """Hosts 2-4 (NTP, NTS, Roughtime), then host 1 (NTS-KE) naming 2 and 3."""
+        ntp_hosts = {n: self.ntp_host(n) for n in NTP_HOSTS}
         ke_host = Host(
             self,
             "127.0.1.1",
@@ -240,6 +319,10 @@ class FleetTests(unittest.TestCase):
             ),
             expect_ke=True,
         )
+        return ke_host, ntp_hosts
+
+    def test_chrony_moves_between_hosts_with_its_cookies(self) -> None:
+        ke_host, ntp_hosts = self.start_fleet()
         hosts = [ke_host, *ntp_hosts.values()]
         # Plain NTP and the text formats answer from every host.
         for host in hosts:
@@ -255,7 +338,7 @@ class FleetTests(unittest.TestCase):
         # Each host says which roles it serves.
         self.assertEqual(ke_host.roles(), {*TEXT_FORMATS, "nts-ke"})
         for host in ntp_hosts.values():
-            self.assertEqual(host.roles(), {*TEXT_FORMATS, "ntp", "nts"})
+            self.assertEqual(host.roles(), {*TEXT_FORMATS, "ntp", "nts", "roughtime"})
 
         dump_dir = Path(tempfile.mkdtemp(prefix="udptime-fleet-dump-"))
         self.addCleanup(shutil.rmtree, dump_dir, True)
@@ -274,10 +357,12 @@ class FleetTests(unittest.TestCase):
         self.assertGreater(
             ntp_hosts[first].metrics()["udptime_nts_authenticated_total"], 0
         )
+        # Host 1 sealed the first cookies; the host chronyd talked to sent
+        # fresh ones, in a later period if chronyd's run crossed a boundary.
         sealed = periods_of(self.secret, dump.cookies())
-        self.assertEqual(len(sealed), 1, sealed)
-        (period,) = sealed
-        self.assertGreaterEqual(period, 0)
+        period = min(sealed)
+        self.assertGreaterEqual(period, 0, sealed)
+        self.assertLessEqual(max(sealed) - period, 1, sealed)
 
         # 2. That host goes away; the name now reaches the other one, and a
         # rotation period passes.
@@ -302,6 +387,108 @@ class FleetTests(unittest.TestCase):
         now_held = periods_of(self.secret, dump.cookies())
         self.assertGreater(max(now_held), period)
         self.assertGreaterEqual(min(now_held), period)
+
+    def test_roughtime_chain_across_hosts_verifies_under_one_root(self) -> None:
+        _, ntp_hosts = self.start_fleet()
+        root = base64.b64encode(self.root_public).decode()
+        for n, host in ntp_hosts.items():
+            # Each host serves under its own delegation from the one root.
+            self.assertIn(
+                f"Roughtime: public key {root}, online key {self.online_keys[n]} ",
+                host.log(),
+            )
+            delegation = keys.load_delegation(self.signing / f"host{n}.json")
+            self.assertEqual(
+                host.metrics()["udptime_roughtime_delegation_expiry_timestamp_seconds"],
+                delegation.maxt,
+            )
+        self.assertEqual(len(set(self.online_keys.values())), len(NTP_HOSTS))
+
+        # The fleet's server list: one entry per host, each made by
+        # `udptime roughtime server-entry` with the root's public key.
+        client = Path(tempfile.mkdtemp(prefix="udptime-fleet-client-"))
+        self.addCleanup(shutil.rmtree, client, True)
+        entries = [
+            json.loads(
+                udptime_cli(
+                    client, "roughtime", "server-entry", "--name", f"host{n}",
+                    "--public-key", root,
+                    "--address", f"udp:{host.address}:{host.ports['roughtime']}",
+                )
+            )
+            for n, host in ntp_hosts.items()
+        ]  # fmt: skip
+        server_list = client / "fleet-roughtime.json"
+        server_list.write_text(json.dumps({"servers": entries}, indent=2))
+        self.assertEqual({e["publicKey"] for e in entries}, {root})
+
+        # Our client: a chain over the list, every reply verified under the
+        # root key and signed by that host's online key.
+        out = json.loads(
+            udptime_cli(
+                client, "query", "-f", "roughtime", "--servers", str(server_list),
+                "--json", "-t", "2",
+            )
+        )  # fmt: skip
+        self.assertTrue(out["consistent"], out)
+        self.assertIsNone(out["report"])
+        chain = out["chain"]
+        self.assertEqual([c["name"] for c in chain], [f"host{n}" for n in ntp_hosts])
+        links = []
+        for n, link in zip(ntp_hosts, chain, strict=True):
+            host = ntp_hosts[n]
+            self.assertNotIn("error", link)
+            self.assertEqual(
+                (link["host"], link["port"]), (host.address, host.ports["roughtime"])
+            )
+            self.assertEqual(link["public_key"], root)
+            self.assertEqual(link["online_key"], self.online_keys[n])
+            self.assertLess(abs(link["time"] - time.time()), 60)
+            links.append(
+                verify.ChainLink(
+                    self.root_public,
+                    base64.b64decode(link["request"]),
+                    base64.b64decode(link["response"]),
+                    None if link["rand"] is None else base64.b64decode(link["rand"]),
+                )
+            )
+        self.assertIsNone(chain[0]["rand"])
+        # The chain as a report would carry it proves itself: each nonce
+        # derived from the reply before, each reply under the root key.
+        self.assertEqual(len(verify.verify_chain(links)), len(NTP_HOSTS))
+
+        # roughly, the independent client, the same list.
+        peer = os.environ.get(PEER_ENV)
+        if peer:
+            done = subprocess.run(
+                [peer, "-c", ROUGHLY_CHAIN, str(server_list)],
+                capture_output=True,
+                check=False,
+                text=True,
+                timeout=120,
+            )
+            self.assertEqual(done.returncode, 0, done.stderr)
+            theirs = json.loads(done.stdout)
+            self.assertIs(theirs["malfeasance"], False)
+            report = theirs["report"]
+            self.assertEqual(len(report), len(NTP_HOSTS))
+            self.assertEqual({r["publicKey"] for r in report}, {root})
+            # Their chain checks out with our verifier too.
+            ours = verify.verify_chain(verify.parse_report({"responses": report}))
+            self.assertEqual(
+                [v.response.public_key for v in ours],
+                [base64.b64decode(self.online_keys[n]) for n in ntp_hosts],
+            )
+        for host in ntp_hosts.values():
+            # Every request got its reply: nothing dropped, nothing refused.
+            self.assertEqual(host.total("udptime_roughtime_unanswered_total"), 0)
+            self.assertGreaterEqual(
+                host.total("udptime_roughtime_signatures_total"), 2 if peer else 1
+            )
+        if not peer:
+            raise unittest.SkipTest(
+                f"{PEER_ENV} not set: roughly's client not run (ours was)"
+            )
 
 
 class SecretMismatchTests(unittest.TestCase):
