@@ -103,7 +103,9 @@ class TimeProtocol(DatagramProtocol):
                 self.counters.answered += 1
                 if self.latency is not None:
                     self.latency.observe(self._clock.seconds() - received)
-        self._log_queued()
+        core = self.core
+        if core.failures or core.notes:
+            self._log_queued()
 
     def batch_received(self, receiver: Receiver, sender: Sender, n: int) -> None:
         """The Linux batch port: answer *n* datagrams, all in one ``sendmmsg``."""
