@@ -36,7 +36,7 @@ from udptime.roughtime.service import (
     SELF_LIFETIME,
     WARN_AHEAD,
     KeyService,
-    SummaryService,
+    SummaryLines,
 )
 from udptime.signals import SignalService
 from udptime.tap import Options, build_service
@@ -238,19 +238,16 @@ class SummaryTests(unittest.TestCase):
     def test_differences_and_mean_batch(self) -> None:
         log = LogCatcher(self)
         counters = RoughtimeCounters()
-        clock = Clock()
-        summary = SummaryService(10, lambda: [("127.0.0.1 port 2002", counters)], clock)
-        summary.startService()
-        self.addCleanup(summary.stopService)
+        summary = SummaryLines(lambda: [("127.0.0.1 port 2002", counters)])
         counters.answered, counters.signatures = 40, 4
         counters.batch_count, counters.batch_leaves = 4, 40
         counters.too_small = 3
-        clock.advance(10)
+        summary(10)
         counters.answered += 6
         counters.signatures += 1
         counters.batch_count += 1
         counters.batch_leaves += 6
-        clock.advance(10)
+        summary(10)
         lines = [t for t in log.texts() if t.startswith("roughtime on")]
         self.assertEqual(len(lines), 2)
         self.assertIn("40 answered with 4 signatures (mean batch 10.0)", lines[0])

@@ -665,7 +665,7 @@ def build_service(
             top.signals.reloaders["NTS certificate"] = service_.reload
     top.signals.setName("signals")  # type: ignore[no-untyped-call]
     top.signals.setServiceParent(top)  # type: ignore[no-untyped-call]
-    roughtime.attach(top, roughtime_keys, config.summary_interval, reactor)
+    roughtime.attach(top, roughtime_keys)
     if metrics is not None:
         collector = UdptimeCollector(
             top.stats,
@@ -687,7 +687,10 @@ def build_service(
             config.summary_interval,
             lambda: [listener.stats for listener in top.listeners],
             reactor,
-            also=[s.factory.summarise for s in nts if isinstance(s, KeService)],
+            also=[
+                *(s.factory.summarise for s in nts if isinstance(s, KeService)),
+                *roughtime.summary_lines(top.listeners, roughtime_keys),
+            ],
         )
         summary.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top

@@ -43,7 +43,7 @@ from udptime.roughtime.responder import (
     RoughtimeResponder,
     RoughtimeSettings,
 )
-from udptime.roughtime.service import KeyService, SummaryService, iso
+from udptime.roughtime.service import KeyService, SummaryLines, iso
 
 FORMAT = "roughtime"
 #: RADI claimed for an unsynchronised clock served under --local-stratum,
@@ -191,28 +191,28 @@ def responders(listeners: Sequence[Any]) -> list[tuple[Any, RoughtimeResponder]]
     return found
 
 
-def attach(
-    top: Any,
-    services: Sequence[KeyService],
-    summary_interval: int,
-    clock: IReactorTime,
-) -> None:
-    """Start the key service with *top*, let SIGHUP reload a delegation
-    file, and add Roughtime's own summary lines."""
+def attach(top: Any, services: Sequence[KeyService]) -> None:
+    """Start the key service with *top* and let SIGHUP reload a delegation file."""
     for keys_ in services:
         keys_.setServiceParent(top)  # type: ignore[no-untyped-call]
         if keys_.path is not None and top.signals is not None:
             top.signals.reloaders["Roughtime delegation"] = keys_.reload
-    if services and summary_interval:
 
-        def named() -> list[tuple[str, RoughtimeCounters]]:
-            return [
-                (f"{stats.address} port {stats.port}", responder.counters)
-                for stats, responder in responders(top.listeners)
-            ]
 
-        summary = SummaryService(summary_interval, named, clock)
-        summary.setServiceParent(top)  # type: ignore[no-untyped-call]
+def summary_lines(
+    listeners: Sequence[Any], services: Sequence[KeyService]
+) -> list[Callable[[float], None]]:
+    """Roughtime's own summary lines, for the summary service's ``also``."""
+    if not services:
+        return []
+
+    def named() -> list[tuple[str, RoughtimeCounters]]:
+        return [
+            (f"{stats.address} port {stats.port}", responder.counters)
+            for stats, responder in responders(listeners)
+        ]
+
+    return [SummaryLines(named)]
 
 
 #: Why a request got no reply, as ``udptime_roughtime_unanswered_total`` labels.

@@ -264,35 +264,20 @@ def _self_delegation(root: Ed25519PrivateKey, now: int, lifetime: int) -> Delega
     return keys.delegate(root, max(0, now - SELF_BACKDATE), now + lifetime)
 
 
-class SummaryService(service.Service):
-    """Every *interval* seconds, one line per Roughtime listener: what the
-    generic summary cannot say (signatures, batch sizes, why requests
+class SummaryLines:
+    """One line per Roughtime listener for the summary service (its ``also``):
+    what the generic line cannot say (signatures, batch sizes, why requests
     were left unanswered), as differences since the last line."""
 
     log = Logger()
 
     def __init__(
-        self,
-        interval: float,
-        responders: Callable[[], Sequence[tuple[str, RoughtimeCounters]]],
-        clock: IReactorTime,
+        self, responders: Callable[[], Sequence[tuple[str, RoughtimeCounters]]]
     ) -> None:
-        self.step = interval
         self._responders = responders
         self._last: dict[str, dict[str, int]] = {}
-        self._loop = LoopingCall(self.summarise)
-        self._loop.clock = clock
 
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        self._loop.start(self.step, now=False)
-
-    def stopService(self) -> None:
-        super().stopService()  # type: ignore[no-untyped-call]
-        if self._loop.running:
-            self._loop.stop()
-
-    def summarise(self) -> None:
+    def __call__(self, interval: float) -> None:
         for name, counters in self._responders():
             now = asdict(counters)
             before = self._last.get(name, dict.fromkeys(now, 0))
@@ -308,7 +293,7 @@ class SummaryService(service.Service):
                 "delegation not yet valid in the last {interval} s",
                 listener=name,
                 mean_batch=delta["batch_leaves"] / batches if batches else 0.0,
-                interval=self.step,
+                interval=interval,
                 roughtime_summary=True,
                 **delta,
             )
