@@ -88,6 +88,7 @@ class Namespace:
                 stderr=subprocess.DEVNULL,
             )
             test.addCleanup(self.stop)
+            self._wait_until_unshared()
         # Loopback up, and two kernel-chosen ports (UDP for NTP, TCP for KE).
         done = subprocess.run(
             self.command([sys.executable, "-c", _LO_UP]),
@@ -97,6 +98,23 @@ class Namespace:
             timeout=30,
         )
         self.ntp_port, self.ke_port = (int(x) for x in done.stdout.split())
+
+    def _wait_until_unshared(self) -> None:
+        """Popen returns before ``unshare`` has made the namespace: entering
+        the holder's namespace before then would enter the host's."""
+        assert self.holder is not None
+        ours = os.readlink("/proc/self/ns/net")
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            try:
+                if os.readlink(f"/proc/{self.holder.pid}/ns/net") != ours:
+                    return
+            except OSError:
+                pass
+            if self.holder.poll() is not None:
+                raise AssertionError("unshare --net exited")
+            time.sleep(0.01)
+        raise AssertionError("unshare --net made no namespace within 10 s")
 
     def command(self, argv: Sequence[str]) -> list[str]:
         if self.holder is None:
