@@ -40,7 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial import unittest
 
 from tests.support import Twistd, query
-from tests.test_nts_e2e import CHRONYD, OFFSET
+from tests.test_nts_e2e import chronyd_nts
 from tests.test_roughtime_interop import PEER_ENV
 from udptime.nts import extensions as ext
 from udptime.nts.cookies import cookie_key_id
@@ -165,29 +165,7 @@ def run_chronyd(
     ke_port: int, cert: Path, dump: Path, timeout: int = 20
 ) -> tuple[float | None, str]:
     """chronyd -Q, NTS with NTS-KE at 127.0.1.1: the offset it prints (or None)."""
-    workdir = Path(tempfile.mkdtemp(prefix="udptime-fleet-chrony-"))
-    try:
-        conf = workdir / "chrony.conf"
-        conf.write_text(
-            f"server 127.0.1.1 nts ntsport {ke_port} iburst minpoll -6 maxpoll -6 "
-            "maxsamples 4\n"
-            f"ntstrustedcerts {cert}\n"
-            f"ntsdumpdir {dump}\n"
-            f"pidfile {workdir}/chronyd.pid\n"
-            "cmdport 0\n"
-        )
-        done = subprocess.run(
-            [CHRONYD, "-Q", "-f", str(conf), "-t", str(timeout), "-u", "root"],
-            capture_output=True,
-            check=False,
-            timeout=timeout + 40,
-            text=True,
-        )
-    finally:
-        shutil.rmtree(workdir, True)
-    output = done.stdout + done.stderr
-    found = OFFSET.search(output)
-    return (float(found.group(1)) if found else None), output
+    return chronyd_nts(f"127.0.1.1 ntsport {ke_port}", cert, dump, timeout=timeout)
 
 
 class Dump:

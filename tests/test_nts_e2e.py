@@ -93,24 +93,31 @@ class NtsServer:
         return {key.key_id for key in decode_keys_file(self.keys.read_bytes())}
 
 
-def run_chronyd(
-    server: NtsServer, dump: Path, *, ke_port: int | None = None, timeout: int = 20
+def chronyd_nts(
+    server_line: str,
+    cert: Path,
+    dump: Path,
+    *,
+    timeout: int = 20,
+    maxsamples: int = 4,
+    debug: bool = False,
 ) -> tuple[float | None, str]:
-    """chronyd -Q against *server* over NTS: the offset it prints (or None)."""
+    """chronyd -Q (never disciplining the clock) as an NTS client of the
+    ``server`` line *server_line*: the offset it prints (or None), its output."""
     workdir = Path(tempfile.mkdtemp(prefix="udptime-chrony-nts-"))
     try:
         conf = workdir / "chrony.conf"
         conf.write_text(
-            f"server 127.0.0.1 port {server.ntp_port} nts "
-            f"ntsport {ke_port or server.ke_port} iburst minpoll -6 maxpoll -6 "
-            "maxsamples 4\n"
-            f"ntstrustedcerts {server.cert}\n"
+            f"server {server_line} nts iburst minpoll -6 maxpoll -6 "
+            f"maxsamples {maxsamples}\n"
+            f"ntstrustedcerts {cert}\n"
             f"ntsdumpdir {dump}\n"
             f"pidfile {workdir}/chronyd.pid\n"
             "cmdport 0\n"
         )
         done = subprocess.run(
-            [CHRONYD, "-Q", "-f", str(conf), "-t", str(timeout), "-u", "root"],
+            [CHRONYD, "-Q", *(["-d"] if debug else []), "-f", str(conf)]
+            + ["-t", str(timeout), "-u", "root"],
             capture_output=True,
             check=False,
             timeout=timeout + 40,
@@ -121,6 +128,14 @@ def run_chronyd(
     output = done.stdout + done.stderr
     found = OFFSET.search(output)
     return (float(found.group(1)) if found else None), output
+
+
+def run_chronyd(
+    server: NtsServer, dump: Path, *, ke_port: int | None = None, timeout: int = 20
+) -> tuple[float | None, str]:
+    """chronyd -Q against *server* over NTS: the offset it prints (or None)."""
+    line = f"127.0.0.1 port {server.ntp_port} ntsport {ke_port or server.ke_port}"
+    return chronyd_nts(line, server.cert, dump, timeout=timeout)
 
 
 def dumped_cookies(dump: Path) -> list[bytes]:
